@@ -1,0 +1,134 @@
+"""The public API: `Explainer` classifies images and explains the decision with a method."""
+
+import difflib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import AttributionEngine
+from .errors import OnnxAttrError
+from .gradient import GraphCache
+from .image import load_image, to_pixels
+from .methods import get_method
+from .model import load_model
+from .render import attribution_map
+
+DEFAULT_MODEL = "models/googlenet.onnx"
+
+
+@dataclass
+class Explanation:
+    """One image's attribution for one target class."""
+
+    method: str
+    title: str  # the figure title, e.g. "Gradient Attribution Map (golden retriever)"
+    class_index: int
+    label: str
+    score: float  # softmax probability of the target class
+    attribution: np.ndarray  # float32 (C, H, W): the method's attribution per pixel, RGB order
+    photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
+    extras: dict = field(default_factory=dict)  # method-specific numbers
+
+    @property
+    def map(self):
+        """float32 (H, W) in [0, 1]: channel sum of |attribution|, rescaled (the example's map)."""
+        return attribution_map(self.attribution)
+
+    def __getattr__(self, name):
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
+
+
+class Explainer:
+    """Attribution maps for one ONNX image classifier.
+
+    `model`: path to an ONNX classifier with one image input [N, C, H, W] (RGB, the model's own
+    pixel contract; the exported GoogLeNet takes 0..255) and a softmax or logits output.
+    `device`: "cpu" or "cuda". `fit`: how images of another size reach the input size,
+    "stretch" (the example's imresize) or "center-crop".
+    """
+
+    def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
+                 fit="stretch"):
+        self.classifier = load_model(model)
+        self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir), threads)
+        self.fit = fit
+
+    @property
+    def labels(self):
+        return self.classifier.labels
+
+    @property
+    def input_size(self):
+        """(height, width) the model takes."""
+        return self.classifier.size
+
+    def pixels(self, images):
+        """float32 [N, 3, H, W] at model resolution from a list of paths, PIL images or arrays."""
+        return np.stack([to_pixels(load_image(image), self.input_size, self.fit)
+                         for image in images])
+
+    def classify(self, image, top=5):
+        """[(class_index, label, probability), ...] best first; a list of images gives a list."""
+        images, single = _as_list(image)
+        prob, _ = self.engine.forward(self.pixels(images))
+        ranked = [[(int(i), self.labels[i], float(p[i])) for i in np.argsort(-p)[:top]]
+                  for p in prob]
+        return ranked[0] if single else ranked
+
+    def target_index(self, target):
+        """Class index for an index, a numeric string, or a label (case-insensitive)."""
+        count = len(self.labels)
+        if isinstance(target, str) and target.strip().isdigit():
+            target = int(target)
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            if not 0 <= target < count:
+                raise OnnxAttrError(f"class index {target} is out of range 0..{count - 1}")
+            return int(target)
+        if not isinstance(target, str):
+            raise OnnxAttrError(f"target must be a class index or label, not {target!r}")
+        wanted = target.strip().lower()
+        matches = [i for i, label in enumerate(self.labels) if label.lower() == wanted]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise OnnxAttrError(f"class name '{target}' is ambiguous: indices "
+                                f"{', '.join(map(str, matches))}; give the index")
+        close = difflib.get_close_matches(wanted, [label.lower() for label in self.labels], 3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise OnnxAttrError(f"unknown class name '{target}'{hint}")
+
+    def explain(self, image, method="gradient", target=None, score="prob", batch_size=None,
+                **options):
+        """Attribution of `method` for each image's target class (None: the top-1 class).
+
+        A list of images (with a list of targets, or one target for all) is one batch and
+        gives a list of Explanations.
+        """
+        images, single = _as_list(image)
+        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
+        if len(targets) != len(images):
+            raise OnnxAttrError(f"{len(targets)} targets for {len(images)} images")
+        chosen = get_method(method)
+        indices = [None if t is None else self.target_index(t) for t in targets]
+        pixels = self.pixels(images)
+        prob, _ = self.engine.forward(pixels, batch_size)
+        indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
+        attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
+                                             **options)
+        results = [
+            Explanation(method, f"{chosen.title} ({self.labels[i]})", int(i), self.labels[i],
+                        float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
+                        .clip(0, 255).astype(np.uint8), extra)
+            for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
+        return results[0] if single else results
+
+
+def _as_list(image):
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise OnnxAttrError("no images given")
+        return list(image), False
+    return [image], True

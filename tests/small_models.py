@@ -1,0 +1,100 @@
+"""Small ONNX classifiers built in the tests, each exercising a few ops, and a float64 copy.
+
+Every model takes `image` [N, 3, 8, 8] and outputs `prob` (softmax) or only `logits`.
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+SIZE = 8
+
+
+def _weights(rng, *shape, scale=0.5):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0):
+    """Wrap `nodes` (image -> `features` [N, F]) with a Gemm head and optionally a Softmax."""
+    rng = np.random.default_rng(seed + 100)
+    dim = initializers.pop("__features__")
+    initializers = dict(initializers, head_w=_weights(rng, classes, dim, scale=0.3),
+                        head_b=_weights(rng, classes, scale=0.1))
+    nodes = list(nodes) + [helper.make_node("Gemm", [features, "head_w", "head_b"], ["logits"],
+                                            name="head", transB=1)]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1))
+        outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])]
+    graph = helper.make_graph(
+        nodes, "small", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                       ["N", 3, SIZE, SIZE])], outputs,
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_relu_maxpool_lrn(seed=0):
+    """Conv -> Relu -> MaxPool(ceil_mode) -> LRN -> Flatten -> Gemm -> Softmax."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[3, 3],
+                         strides=[2, 2], ceil_mode=1),
+        helper.make_node("LRN", ["p1"], ["n1"], name="lrn1", size=3, alpha=0.5, beta=0.75,
+                         bias=1.0),
+        helper.make_node("Flatten", ["n1"], ["f"], name="flatten"),
+    ]
+    # 8x8 -> conv (pad 1) 8x8 -> maxpool 3/2 ceil -> 4x4 (floor would give 3x3)
+    return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
+                              "__features__": 4 * 4 * 4}, "f", seed=seed)
+
+
+def concat_batchnorm(seed=0, softmax=True):
+    """Two Conv branches (one with BatchNormalization) -> Concat -> Relu -> GlobalAveragePool."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "wa", "ba"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["image", "wb"], ["b0"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["b0", "g", "beta", "mean", "var"], ["b"],
+                         name="bn_b", epsilon=1e-3),
+        helper.make_node("BatchNormalization", ["image", "g3", "beta3", "mean3", "var3"], ["nb"],
+                         name="bn_input"),
+        helper.make_node("Concat", ["a", "b", "nb"], ["cat"], name="concat", axis=1),
+        helper.make_node("Relu", ["cat"], ["r"], name="relu"),
+        helper.make_node("Dropout", ["r"], ["d"], name="dropout"),
+        helper.make_node("AveragePool", ["d"], ["p"], name="pool", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+    ]
+    inits = {"wa": _weights(rng, 3, 3, 1, 1), "ba": _weights(rng, 3), "wb": _weights(rng, 4, 3, 3, 3),
+             "g": 1 + _weights(rng, 4, scale=0.2), "beta": _weights(rng, 4),
+             "mean": _weights(rng, 4), "var": 0.5 + np.abs(_weights(rng, 4)),
+             "g3": 1 + _weights(rng, 3, scale=0.2), "beta3": _weights(rng, 3),
+             "mean3": _weights(rng, 3), "var3": 0.5 + np.abs(_weights(rng, 3)),
+             "__features__": 10 * 4 * 4}
+    return classifier(nodes, inits, "f", softmax=softmax, seed=seed)
+
+
+def as_float64(model):
+    """A float64 copy of a float32 model, for a reference evaluation in double precision."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)
+                                                    .astype(np.float64), tensor.name))
+    for value in (*graph.input, *graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return copy
+
+
+def save(model, path):
+    onnx.save(model, path)
+    return path
