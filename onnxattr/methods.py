@@ -34,6 +34,8 @@ def _no_options(options):
 
 METHODS = {
     "gradient": Method("Gradient Attribution Map", _backprop("vanilla")),
+    "guided-backprop": Method("Guided Backpropagation", _backprop("guided")),
+    "zeiler-fergus": Method("Zeiler-Fergus", _backprop("zeiler-fergus")),
 }
 
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: the read-only shared data, the exported BVLC GoogLeNet, its torch reference."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """The shared data directory (../shared beside the repository); skips when absent."""
+    path = REPO.parent / "shared"
+    if not path.is_dir():
+        pytest.skip(f"no shared data at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def googlenet_caffe_dir(shared_dir):
+    """BVLC GoogLeNet in the Caffe layout onnxattr.caffe converts; skips when absent."""
+    path = shared_dir / "models" / "bvlc_googlenet"
+    if not (path / "deploy.prototxt").is_file():
+        pytest.skip(f"no BVLC GoogLeNet at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def googlenet_path(googlenet_caffe_dir, tmp_path_factory):
+    """BVLC GoogLeNet exported once per session to ONNX; the file's path."""
+    from onnxattr import caffe
+
+    return caffe.export(googlenet_caffe_dir, tmp_path_factory.mktemp("models") / "googlenet.onnx")
+
+
+@pytest.fixture(scope="session")
+def torch_reference(googlenet_caffe_dir):
+    """The float64 PyTorch model of BVLC GoogLeNet (tests/torch_googlenet.py)."""
+    pytest.importorskip("torch")
+    from torch_googlenet import build_reference
+
+    return build_reference(googlenet_caffe_dir)
