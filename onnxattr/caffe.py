@@ -74,7 +74,7 @@ def _scalar(token):
 
 
 def read_labels(path):
-    """Class labels from a synset_words.txt: the first synonym of each `nXXXXXXXX name, ...` line."""
+    """Class labels from synset_words.txt: the first synonym on each `nXXXXXXXX name, ...` line."""
     lines = _read_text(path).splitlines()
     return [line.split(" ", 1)[-1].split(",")[0].strip() for line in lines if line.strip()]
 
@@ -202,7 +202,8 @@ class _Converter:
         self.blobs[layer["top"][0]] = (name, shape)
 
     def _constant(self, name, array):
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, "float32"), name))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def _weight(self, layer_name, kind, shape):
@@ -280,10 +281,10 @@ class _Converter:
     def _inner_product(self, layer, name):
         n = _params(layer, "inner_product_param", num_output=None)["num_output"]
         x, shape = self._bottom(layer)
-        self.nodes.append(helper.make_node("Flatten", [x], [f"{name}/flatten"],
-                                           name=f"{name}/flatten", axis=1))
-        inputs = [f"{name}/flatten",
-                  self._constant(f"{name}/filter", self._weight(name, "filter", (n, math.prod(shape)))),
+        flat = f"{name}/flatten"
+        self.nodes.append(helper.make_node("Flatten", [x], [flat], name=flat, axis=1))
+        weight = self._weight(name, "filter", (n, math.prod(shape)))
+        inputs = [flat, self._constant(f"{name}/filter", weight),
                   self._constant(f"{name}/bias", self._weight(name, "bias", (n,)))]
         self._emit(layer, "Gemm", inputs, (n, 1, 1), transB=1)
 

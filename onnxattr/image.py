@@ -28,8 +28,15 @@ _REFUSED_FORMATS = {"EPS"}
 # Nominal value ranges, tried in order, for modes with more than 8 bits per pixel; the
 # first range that holds all the data is scaled onto 0..255 (else the data's own min..max).
 # 16-bit files open as I;16* (or as I in some formats); float images are 0..1 or 0..255.
-_HIGH_DEPTH_TOPS = {"I;16": (65535,), "I;16L": (65535,), "I;16B": (65535,), "I;16N": (65535,),
-                    "I": (65535,), "F": (1.0, 255.0)}
+_SIXTEEN_BIT = (65535,)
+_HIGH_DEPTH_TOPS = {
+    "I;16": _SIXTEEN_BIT,
+    "I;16L": _SIXTEEN_BIT,
+    "I;16B": _SIXTEEN_BIT,
+    "I;16N": _SIXTEEN_BIT,
+    "I": _SIXTEEN_BIT,
+    "F": (1.0, 255.0),
+}
 
 
 def load_image(source):
@@ -45,13 +52,15 @@ def load_image(source):
     if isinstance(source, (str, os.PathLike)):
         return _read_file(Path(source))
     raise OnnxAttrError(
-        f"cannot load an image from a value of type {type(source).__name__}: give a file path, PIL image or uint8 array"
+        f"cannot load an image from a value of type {type(source).__name__}: "
+        "give a file path, PIL image or uint8 array"
     )
 
 
 def to_pixels(image, size, fit="stretch"):
     """RGB PIL `image` -> float32 array (3, H, W) of values 0..255 at `size` = (H, W)."""
-    return np.ascontiguousarray(np.asarray(_fit(image, size, fit), dtype=np.float32).transpose(2, 0, 1))
+    pixels = np.asarray(_fit(image, size, fit), dtype=np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def load_pixels(source, size, fit="stretch"):
@@ -60,8 +69,8 @@ def load_pixels(source, size, fit="stretch"):
 
 
 def display_image(source, size, fit="stretch"):
-    """The photo the model sees, as uint8 (H, W, 3), for figures: same geometry as `to_pixels`."""
-    return np.asarray(_fit(load_image(source), size, fit), dtype=np.uint8)
+    """The photo the model sees, as a writable uint8 (H, W, 3) array (geometry of `to_pixels`)."""
+    return np.array(_fit(load_image(source), size, fit), dtype=np.uint8)
 
 
 def _error(name, problem):
@@ -113,7 +122,7 @@ def _decode(image, name):
     _check_pixels(image.size, name)
     try:
         with _bombs_as_errors():
-            image.load()  # full decode here, so truncated data fails now (LOAD_TRUNCATED_IMAGES untouched)
+            image.load()  # full decode: truncated data fails now (LOAD_TRUNCATED_IMAGES untouched)
             image = ImageOps.exif_transpose(image)
     except Exception as err:
         raise _decode_error(name, err) from None
@@ -204,7 +213,7 @@ def _fit(image, size, fit):
 
 
 def _center_crop(image, height, width):
-    """Caffe/ImageNet evaluation geometry: shorter side to int(max(H, W) * 256 / 224), centred (H, W) crop.
+    """Caffe/ImageNet evaluation: shorter side to int(max(H, W) * 256 / 224), centred (H, W) crop.
 
     Resampling only the crop's source box gives the same pixels (up to rounding) as resizing
     the whole image then cropping, without building a huge intermediate for elongated images.

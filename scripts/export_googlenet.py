@@ -45,7 +45,8 @@ def torchvision_model(weights_file):
         else:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         net = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=True)
-        net.load_state_dict({k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))})
+        # IMAGENET1K_V1 holds the auxiliary classifiers too; inference does not use them
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith(("aux1", "aux2"))})
     except Exception as e:  # download, unpickling or state dict mismatch: say it on one line
         hint = "; pass --weights FILE.pth" if weights_file is None else ""
         raise OnnxAttrError(f"cannot load GoogLeNet weights from {weights_file or weights.url}: "
@@ -98,7 +99,10 @@ def main(caffe_dir, torchvision, weights, output):
     if weights is not None and not torchvision:
         raise click.UsageError("--weights goes with --torchvision")
     try:
-        path = export_torchvision(weights, output) if torchvision else caffe.export(caffe_dir, output)
+        if torchvision:
+            path = export_torchvision(weights, output)
+        else:
+            path = caffe.export(caffe_dir, output)
     except OnnxAttrError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")

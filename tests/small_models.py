@@ -6,6 +6,8 @@ Every model takes `image` [N, 3, 8, 8] and outputs `prob` (softmax) or only `log
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 OPSET = 17
 SIZE = 8
@@ -98,3 +100,21 @@ def as_float64(model):
 def save(model, path):
     onnx.save(model, path)
     return path
+
+
+class LRN(OpRun):
+    """ONNX LRN written out from the operator spec (onnx 1.23's reference LRN disagrees with
+    onnxruntime and PyTorch, which agree with each other and with the spec)."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        before, after = (size - 1) // 2, size // 2
+        padded = np.pad(x * x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+        window = sum(padded[:, i:i + x.shape[1]] for i in range(size))
+        return (x / (bias + alpha / size * window) ** beta,)
+
+
+def reference_evaluator(model):
+    """An onnx reference evaluator of the float64 copy of `model`, with a spec-true LRN."""
+    return ReferenceEvaluator(as_float64(model), new_ops=[LRN])

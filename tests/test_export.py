@@ -53,7 +53,8 @@ def session(googlenet_path):
 
 @pytest.fixture(scope="module")
 def images(shared_dir):
-    return {name: caffe_crop(shared_dir / "images" / f"{name}.png") for name in ("chelsea", "coffee")}
+    return {name: caffe_crop(shared_dir / "images" / f"{name}.png")
+            for name in ("chelsea", "coffee")}
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -167,8 +168,8 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_cli_missing_caffe_dir(tmp_path):
-    assert_one_line_error(run_script("--caffe", tmp_path / "absent", "--output", tmp_path / "g.onnx"),
-                          "not found", "absent")
+    result = run_script("--caffe", tmp_path / "absent", "--output", tmp_path / "g.onnx")
+    assert_one_line_error(result, "not found", "absent")
     assert not (tmp_path / "g.onnx").exists()
 
 

@@ -1,4 +1,4 @@
-"""onnxattr.image: every bad input is one OnnxAttrError line; odd modes convert to the expected RGB."""
+"""onnxattr.image: each bad input is one OnnxAttrError line; odd modes give the expected RGB."""
 
 import io
 import os
@@ -40,7 +40,8 @@ def close(actual, expected, tol):
 def png_header_only(path, width, height):
     """A PNG file whose header claims width x height but holds no pixel data."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
@@ -138,7 +139,8 @@ def test_truncated_pil_image_is_reported_too(tmp_path):
 
 
 def test_over_our_limit_refused_before_decoding(tmp_path):
-    path = png_header_only(tmp_path / "big.png", 9000, 9000)  # 81 MP: ours, below Pillow's threshold
+    # 81 MP: over our limit, under Pillow's threshold, so ours answers
+    path = png_header_only(tmp_path / "big.png", 9000, 9000)
     expect_error(path, str(path), "too large", "9000 x 9000", "81.0 megapixels", "limit 80")
 
 
@@ -361,7 +363,8 @@ def test_exif_orientation_applied(tmp_path, fmt):
 
 def test_animated_gif_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
-    frames = [Image.new("RGB", (4, 4), colour) for colour in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    frames = [Image.new("RGB", (4, 4), colour) for colour in colours]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
     assert Image.open(path).n_frames == 3
     assert rgb_at(path) == (255, 0, 0)
@@ -417,7 +420,8 @@ def test_center_crop_geometry_landscape():
 
 
 def test_center_crop_geometry_portrait():
-    rows = columns_encode_x(200, 60).transpose(Image.Transpose.TRANSPOSE)  # 60 wide, 200 tall, value = y
+    # 60 wide, 200 tall, value = y
+    rows = columns_encode_x(200, 60).transpose(Image.Transpose.TRANSPOSE)
     pixels = to_pixels(rows, (50, 50), "center-crop")
     assert abs(pixels[0, 24:26, 25].mean() - 99.5) <= 1
     assert np.all(np.diff(pixels[0, :, 25]) > 0)
@@ -453,7 +457,7 @@ def test_load_pixels_and_display_image_agree(tmp_path):
     for fit in ("stretch", "center-crop"):
         pixels = load_pixels(path, (20, 30), fit)
         shown = display_image(path, (20, 30), fit)
-        assert shown.dtype == np.uint8 and shown.shape == (20, 30, 3)
+        assert shown.dtype == np.uint8 and shown.shape == (20, 30, 3) and shown.flags.writeable
         assert np.array_equal(pixels, shown.transpose(2, 0, 1).astype(np.float32))
         assert np.array_equal(pixels, to_pixels(load_image(path), (20, 30), fit))
 

@@ -26,7 +26,7 @@ class CaffeReference(nn.Module):
     def __init__(self, layers, weights_dir):
         super().__init__()
         self.layers = [layer for layer in layers if layer["type"][0] != "Input"]
-        self.input_blob = next(l["top"][0] for l in layers if l["type"][0] == "Input")
+        self.input_blob = next(layer["top"][0] for layer in layers if layer["type"][0] == "Input")
         self.ops = nn.ModuleDict()
         for layer in self.layers:
             op = self._make(layer, weights_dir)

@@ -1,0 +1,155 @@
+"""The plain gradient: central finite differences on small models, float64 PyTorch on GoogLeNet."""
+
+import numpy as np
+import onnxruntime
+import pytest
+
+import small_models
+from onnxattr import Explainer, OnnxAttrError
+from onnxattr import gradient as gradient_module
+from onnxattr.image import load_pixels
+
+SMALL_MODELS = {
+    "conv-relu-maxpool(ceil)-lrn-gemm-softmax": small_models.conv_relu_maxpool_lrn,
+    "concat-batchnorm-dropout-avgpool-gemm-softmax": small_models.concat_batchnorm,
+    "concat-batchnorm, logits only": lambda: small_models.concat_batchnorm(softmax=False),
+}
+
+
+def relative_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def central_differences(model, pixels, targets, score, eps=1e-4):
+    """d score / d pixels by central differences on a float64 copy of `model`."""
+    evaluator = small_models.reference_evaluator(model)
+    has_prob = any(o.name == "prob" for o in model.graph.output)
+    rows = np.arange(len(pixels))
+
+    def total(x):
+        if score == "prob" and has_prob:
+            values = evaluator.run(["prob"], {"image": x})[0]
+        else:
+            values = evaluator.run(["logits"], {"image": x})[0]
+            if score == "prob":  # the engine appends a softmax to a logits-only model
+                values = np.exp(values) / np.exp(values).sum(axis=1, keepdims=True)
+        return values[rows, targets].sum()
+
+    x = pixels.astype(np.float64)
+    result = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        result[index] = (total(x + step) - total(x - step)) / (2 * eps)
+    return result
+
+
+@pytest.fixture
+def small_explainer(tmp_path):
+    def make(model):
+        return Explainer(small_models.save(model, tmp_path / "small.onnx"),
+                         cache_dir=tmp_path / "cache")
+    return make
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+@pytest.mark.parametrize("score", ["prob", "logit"])
+def test_gradient_matches_central_differences(name, score, small_explainer):
+    model = SMALL_MODELS[name]()
+    explainer = small_explainer(model)
+    pixels = np.random.default_rng(3).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    targets = np.array([1, 4])
+    engine_gradient, _, _ = explainer.engine.gradient(pixels, targets, score=score)
+    reference = central_differences(model, pixels, targets, score)
+    assert relative_l2(engine_gradient, reference) < 1e-4
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_prepared_forward_graph_keeps_the_outputs(name, small_explainer):
+    model = SMALL_MODELS[name]()
+    explainer = small_explainer(model)
+    pixels = np.random.default_rng(4).uniform(-1, 1, (3, 3, 8, 8)).astype(np.float32)
+    original = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"image": pixels})
+    prob, logits = explainer.engine.forward(pixels)
+    np.testing.assert_allclose(prob if model.graph.output[0].name == "prob" else logits,
+                               original[0], rtol=1e-5, atol=1e-6)
+    fixed_ops = {n.op_type for n in explainer.engine.forward_graph.graph.node}
+    assert not fixed_ops & {"LRN", "BatchNormalization", "Dropout", "AveragePool"}
+
+
+def test_gradient_graph_is_cached_on_disk(tmp_path, monkeypatch):
+    path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
+    pixels = np.ones((1, 3, 8, 8), np.float32)
+    first = Explainer(path, cache_dir=tmp_path / "cache").engine.gradient(pixels, [0])[0]
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt a cached gradient graph")
+    monkeypatch.setattr(gradient_module, "build_gradient_graph", no_rebuild)
+    monkeypatch.setattr("onnxattr.engine.build_gradient_graph", no_rebuild)
+    second = Explainer(path, cache_dir=tmp_path / "cache").engine.gradient(pixels, [0])[0]
+    np.testing.assert_array_equal(first, second)
+    with pytest.raises(AssertionError, match="rebuilt"):
+        Explainer(path, cache_dir=tmp_path / "other").engine.gradient(pixels, [0])
+
+
+def test_undifferentiable_op_is_named(tmp_path):
+    model = small_models.concat_batchnorm()
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type, node.name = "Round", "rounding_node"
+    explainer = Explainer(small_models.save(model, tmp_path / "m.onnx"), cache_dir=tmp_path)
+    with pytest.raises(OnnxAttrError, match="Round.*rounding_node"):
+        explainer.engine.gradient(np.ones((1, 3, 8, 8), np.float32), [0])
+
+
+# --- BVLC GoogLeNet against the float64 PyTorch reference --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def googlenet(googlenet_path, tmp_path_factory):
+    return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def photos(shared_dir):
+    return sorted(p for p in (shared_dir / "images").iterdir() if p.suffix in (".png", ".jpg"))
+
+
+def torch_gradient(reference, pixels, targets, score="prob"):
+    import torch
+
+    x = torch.tensor(pixels, dtype=torch.float64, requires_grad=True)
+    out = reference(x, score=score)
+    out[torch.arange(len(pixels)), torch.as_tensor(targets)].sum().backward()
+    return x.grad.numpy()
+
+
+def test_googlenet_gradient_matches_torch_per_photo(googlenet, torch_reference, photos):
+    for photo in photos:
+        result = googlenet.explain(photo)
+        pixels = load_pixels(photo, (224, 224))[None]
+        expected = torch_gradient(torch_reference, pixels, [result.class_index])[0]
+        error = relative_l2(result.attribution, expected)
+        assert error < 1e-2, f"{photo.name}: relative L2 {error:.2e}"
+
+
+def test_googlenet_batch_rows_are_independent(googlenet, torch_reference, photos):
+    targets = [285, 967, 3, 999][:len(photos)]
+    batch = googlenet.explain(photos, target=targets, score="logit")
+    pixels = np.stack([load_pixels(p, (224, 224)) for p in photos])
+    expected = torch_gradient(torch_reference, pixels, targets, score="logit")
+    for row, (result, photo, target) in enumerate(zip(batch, photos, targets)):
+        assert result.class_index == target
+        assert relative_l2(result.attribution, expected[row]) < 1e-2
+        alone = googlenet.explain(photo, target=target, score="logit")
+        np.testing.assert_allclose(result.attribution, alone.attribution, rtol=1e-4,
+                                   atol=1e-4 * np.abs(alone.attribution).max())
+
+
+def test_explanation_fields(googlenet, photos):
+    result = googlenet.explain(photos[0], target="Egyptian cat")
+    assert result.attribution.shape == (3, 224, 224) and result.attribution.dtype == np.float32
+    assert result.map.shape == (224, 224) and result.map.min() == 0 and result.map.max() == 1
+    assert result.class_index == 285 and result.label == "Egyptian cat"
+    assert 0 < result.score < 1
+    assert result.title == "Gradient Attribution Map (Egyptian cat)"
