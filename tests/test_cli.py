@@ -1,0 +1,205 @@
+"""The command line: outputs, and bad input as one line on stderr with a non-zero exit code."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+import small_models
+from onnxattr.cli import main
+
+LABELS = ["apple", "banana", "cherry", "date", "elderberry"]
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `onnxattr ARGS` in this process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["onnxattr", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None)
+    lines = [line for line in err.splitlines() if line.strip() and "explaining" not in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A small labelled classifier, a photo for it, and a private graph cache."""
+    monkeypatch.setenv("ONNXATTR_CACHE", str(tmp_path / "cache"))
+    model = small_models.conv_relu_maxpool_lrn()
+    helper.set_model_props(model, {"onnxattr.labels": json.dumps(LABELS)})
+    model_path = small_models.save(model, tmp_path / "small.onnx")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)).save(photo)
+    return tmp_path, model_path, photo
+
+
+def test_explain_writes_the_two_figures_and_raw(env, monkeypatch, capsys):
+    tmp_path, model, photo = env
+    code, out, _ = run_cli(monkeypatch, capsys, "explain", photo, "--model", model,
+                           "--out", tmp_path / "out", "--save-raw", "--target", "cherry")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "photo_gradient.npy", "photo_gradient.png", "photo_photo.png"]
+    assert np.load(tmp_path / "out" / "photo_gradient.npy").shape == (3, 8, 8)
+
+
+def test_classify_prints_top_classes(env, monkeypatch, capsys):
+    _, model, photo = env
+    code, out, _ = run_cli(monkeypatch, capsys, "classify", photo, "--model", model, "--top", 2)
+    assert code == 0
+    assert len([line for line in out.splitlines() if line.startswith("  ")]) == 2
+    assert any(label in out for label in LABELS)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "not found"),
+    (b"", "empty"),
+    (b"this is a text file, not a picture\n", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "photo.png"),
+])
+def test_bad_image_files(env, monkeypatch, capsys, content, problem):
+    tmp_path, model, _ = env
+    bad = tmp_path / "photo.png"
+    bad.unlink()
+    if content is not None:
+        bad.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", bad, "--model", model, "--out",
+                           tmp_path / "out")
+    assert_one_line_error(code, err, "photo.png", problem)
+
+
+def test_truncated_jpeg(env, monkeypatch, capsys):
+    tmp_path, model, _ = env
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+    code, _, err = run_cli(monkeypatch, capsys, "explain", path, "--model", model)
+    assert_one_line_error(code, err, "cut.jpg")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "1"])
+def test_odd_image_modes_work(env, monkeypatch, capsys, mode):
+    tmp_path, model, _ = env
+    path = tmp_path / f"odd.{'jpg' if mode == 'CMYK' else 'png'}"
+    Image.new("RGB", (16, 12), (200, 30, 90)).convert(mode).save(path)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", path, "--model", model, "--out",
+                           tmp_path / "out")
+    assert code == 0, err
+
+
+def test_exif_rotated_photo_is_upright(env, monkeypatch, capsys):
+    tmp_path, model, _ = env
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (20, 10), (0, 128, 255)).save(path, exif=exif)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", path, "--model", model)
+    assert code == 0, err
+
+
+def test_huge_image_is_refused(env, monkeypatch, capsys):
+    tmp_path, model, _ = env
+    import onnxattr.image as image_module
+    monkeypatch.setattr(image_module, "MAX_PIXELS", 100)
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (20, 20)).save(path)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", path, "--model", model)
+    assert_one_line_error(code, err, "huge.png", "megapixels")
+
+
+@pytest.mark.parametrize("target, problem", [
+    ("durian", "unknown class name 'durian'"),
+    ("banan", "did you mean: banana"),
+    ("5", "out of range 0..4"),
+    ("-1", "unknown class name '-1'"),
+])
+def test_bad_targets(env, monkeypatch, capsys, target, problem):
+    tmp_path, model, photo = env
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--target",
+                           target, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, problem)
+    assert not (tmp_path / "out").exists()
+
+
+def no_image_input():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.input[0].type.tensor_type.shape.dim.pop()
+    return model
+
+
+def no_class_output():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.output[0].type.tensor_type.shape.dim.add().dim_value = 1
+    return model
+
+
+def undifferentiable():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.node[1].op_type = "Round"
+    return model
+
+
+@pytest.mark.parametrize("make, problems", [
+    (no_image_input, ["not an image classifier", "[N, C, H, W]"]),
+    (no_class_output, ["not an image classifier", "softmax or logits"]),
+    (undifferentiable, ["cannot differentiate op Round", "relu1"]),
+])
+def test_bad_models(env, monkeypatch, capsys, make, problems):
+    tmp_path, _, photo = env
+    path = tmp_path / "bad.onnx"
+    onnx.save(make(), path)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path)
+    assert_one_line_error(code, err, *problems)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "model file not found"),
+    (b"definitely not protobuf \xff\xfe", "is not an ONNX model"),
+])
+def test_missing_or_corrupt_model(env, monkeypatch, capsys, content, problem):
+    tmp_path, _, photo = env
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo, "--model", path)
+    assert_one_line_error(code, err, problem)
+
+
+def test_default_model_missing_says_how_to_export(env, monkeypatch, capsys):
+    tmp_path, _, photo = env
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo)
+    assert_one_line_error(code, err, "models/googlenet.onnx", "export_googlenet.py")
+
+
+def test_a_bad_file_among_good_ones_keeps_the_good_outputs(env, monkeypatch, capsys):
+    tmp_path, model, photo = env
+    out = tmp_path / "out"
+    assert run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage")
+    code, _, err = run_cli(monkeypatch, capsys, "explain", broken, "--model", model, "--out", out)
+    assert_one_line_error(code, err, "broken.png")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written
+
+
+def test_installed_entry_point_reports_errors_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "onnxattr", "classify", tmp_path / "nope.png",
+                             "--model", tmp_path / "nope.onnx"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model file not found")
+    assert "Traceback" not in result.stderr
