@@ -1,0 +1,28 @@
+"""Smoke test of the benchmark script on a tiny configuration, so it cannot rot (no timing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tmp_path):
+    pytest.importorskip("captum")
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--model", str(googlenet_path),
+                    "--caffe", str(googlenet_caffe_dir), "--repeats", "1", "--ig-steps", "4",
+                    "--ig-batch-sizes", "4", "--cases", "forward,gradient,ig-4-batch4",
+                    "--json", str(out)], check=True, capture_output=True, text=True,
+                   env={**os.environ, "ONNXATTR_CACHE": str(tmp_path / "cache")})
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["rows"]] == ["forward", "gradient", "ig-4-batch4"]
+    for row in report["rows"]:
+        assert row["onnxattr_s"] > 0 and row["captum_s"] > 0
+        assert row["onnxattr_peak_mb"] > 0 and row["captum_peak_mb"] > 0
+        assert row["relative_l2"] < 2e-2, row
+    assert report["gradient_over_forward"] > 1
