@@ -1,0 +1,123 @@
+"""Rendering options and the figures written for one image: shared by `explain` and `audit`.
+
+`RenderOptions` holds how a map is drawn (sign, channel reduction, clipping, colormap, style,
+alpha) and turns an `Explanation` into a uint8 RGB image with `render.py`. `write_figures` writes
+one image's figures as the example does: the photo titled "<class> (<score>)", one figure per
+method titled e.g. "Gradient Attribution Map (Egyptian cat)", optionally the raw attribution
+(.npy) and a panel with the photo and every map.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import render
+from .errors import OnnxAttrError
+from .files import atomic_path
+
+# Colormap when none is given, by style and by "is the map signed". The plain map is the
+# example's white-to-black (blue-white-red when signed); an overlay needs a map whose zero
+# does not wash out the photo, so it uses a perceptually uniform dark-to-bright heat map.
+DEFAULT_CMAPS = {
+    "map": {False: "white-black", True: "blue-white-red"},
+    "overlay": {False: "inferno", True: "blue-white-red"},
+    "masked": {False: None, True: None},  # the photo itself: no colormap
+}
+COLORBAR_STYLES = {"map", "overlay"}
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How attributions become pictures; the defaults draw the example's map."""
+
+    reduction: str = "sum"  # channel reduction: sum | max-abs
+    sign: str = "absolute"  # absolute | positive | negative | all (signed, diverging)
+    clip: str = "none"  # none | percentile | outlier-mass
+    clip_value: float = None  # the clip's parameter (None: its default)
+    cmap: str = None  # any matplotlib colormap, 'white-black' or 'blue-white-red' (None: by style)
+    style: str = "map"  # map | overlay | masked
+    alpha: float = 0.5  # overlay weight of the map
+
+    @property
+    def signed(self):
+        return self.sign in render.SIGNED
+
+    @property
+    def colormap(self):
+        """The colormap name used (the default for the style when `cmap` is None)."""
+        if self.cmap is not None:
+            return self.cmap
+        return DEFAULT_CMAPS.get(self.style, {}).get(self.signed)
+
+    def check(self):
+        """Validate every option on a tiny map, so a bad value fails before any work."""
+        self.image(np.ones((3, 2, 2), np.float32), np.zeros((2, 2, 3), np.uint8))
+        if self.cmap is not None:
+            render.colorize(np.zeros((1, 1)), self.cmap)  # a masked picture ignores it: check here
+        return self
+
+    def map(self, attribution):
+        """float32 (H, W) map of a (C, H, W) attribution: [0, 1], or [-1, 1] when signed."""
+        return render.attribution_map(attribution, reduction=self.reduction, sign=self.sign,
+                                      clip=self.clip, clip_value=self.clip_value)
+
+    def image(self, attribution, photo):
+        """uint8 (H, W, 3) picture of a (C, H, W) attribution over `photo` (uint8 (H, W, 3))."""
+        return render.styled(self.map(attribution), photo, style=self.style, cmap=self.colormap,
+                             alpha=self.alpha, signed=self.signed)
+
+    def render(self, explanation):
+        """uint8 (H, W, 3) picture of an Explanation."""
+        return self.image(explanation.attribution, explanation.photo)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def photo_title(result):
+    """The example's photo title: "<class> (<score>)"."""
+    return f"{result.label} ({result.score:.2f})"
+
+
+def write_figures(results, prefix, options=None, save_raw=False, panel=False):
+    """Write one image's figures for `results` (one Explanation per method, same image).
+
+    Files are `<prefix>photo.png`, `<prefix><method>.png`, with `save_raw` `<prefix><method>.npy`
+    (float32 [C, H, W]) and with `panel` `<prefix>panel.png`; `prefix` is a path prefix such as
+    "out/chelsea_" or "out/chelsea/". Every file is written atomically. Returns a dict
+    {"photo": path, "panel": path, "<method>": path, "<method>.npy": path} of what was written.
+    """
+    if not results:
+        raise OnnxAttrError("no results to draw")
+    options = (options or RenderOptions()).check()
+    prefix = str(prefix)
+    first = results[0]
+    title = photo_title(first)
+    written = {"photo": Path(f"{prefix}photo.png")}
+    render.save_photo_figure(written["photo"], first.photo, title)
+    pictures = []
+    for result in results:
+        picture = options.render(result)
+        pictures.append((result.title, picture))
+        path = written[result.method] = Path(f"{prefix}{result.method}.png")
+        if options.style in COLORBAR_STYLES:
+            render.save_map_figure(path, picture, result.title, cmap=options.colormap,
+                                   signed=options.signed)
+        else:
+            render.save_map_figure(path, picture, result.title, colorbar=False)
+        if save_raw:
+            written[f"{result.method}.npy"] = save_array(Path(f"{prefix}{result.method}.npy"),
+                                                         result.attribution)
+    if panel:
+        written["panel"] = Path(f"{prefix}panel.png")
+        render.save_panel(written["panel"], first.photo, title, pictures)
+    return written
+
+
+def save_array(path, array):
+    """`np.save` to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+    return Path(path)
