@@ -1,5 +1,6 @@
 """The `onnxattr` command: a thin click layer over the public API."""
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -7,11 +8,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import render
+from . import render, report
 from .errors import OnnxAttrError
 from .explainer import DEFAULT_MODEL, Explainer
+from .figures import RenderOptions, write_figures
 from .files import atomic_path
-from .methods import METHODS
+from .methods import (COMPLETENESS_TOLERANCE, DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS,
+                      SMOOTHINGS)
+from .paths import DEFAULT_RULE, DEFAULT_STEPS, RULES, path_images, value_range
 
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
                "../shared/models/bvlc_googlenet")
@@ -30,6 +34,91 @@ device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), def
                              show_default=True)
 images_argument = click.argument("images", nargs=-1, required=True,
                                  type=click.Path(path_type=Path))
+
+# Rendering flags: plain strings checked by RenderOptions, so a bad value is one line on stderr.
+RENDER_FLAGS = [
+    click.option("--reduction", "render_reduction", default="sum", show_default=True,
+                 metavar="[sum|max-abs]", help="Channel reduction of the attribution."),
+    click.option("--sign", "render_sign", default="absolute", show_default=True,
+                 metavar="[absolute|positive|negative|all]",
+                 help="Which evidence to draw; 'all' keeps the sign (blue-white-red)."),
+    click.option("--clip", "render_clip", default="none", show_default=True,
+                 metavar="[none|percentile|outlier-mass]",
+                 help="Clip the largest values before rescaling."),
+    click.option("--clip-value", "render_clip_value", metavar="P",
+                 help="The clip's percent: percentile (default 99) or outlier mass (default 2)."),
+    click.option("--cmap", "render_cmap", metavar="NAME",
+                 help="Colormap: white-black, blue-white-red or any matplotlib name "
+                      "(default: by style and sign)."),
+    click.option("--style", "render_style", default="map", show_default=True,
+                 metavar="[map|overlay|masked]",
+                 help="The map alone, blended over the photo, or the photo masked by it."),
+    click.option("--alpha", "render_alpha", default="0.5", show_default=True, metavar="A",
+                 help="Weight of the map in an overlay, 0..1."),
+]
+
+
+def render_flags(command):
+    """Add the rendering flags to a command, which gets them as one checked `options`."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name[len("render_"):]: kwargs.pop(name) for name in list(kwargs)
+                  if name.startswith("render_")}
+        for name in ("clip_value", "alpha"):
+            values[name] = _number(name, values[name])
+        kwargs["options"] = RenderOptions(**values).check()
+        return command(*args, **kwargs)
+    for flag in reversed(RENDER_FLAGS):
+        wrapper = flag(wrapper)
+    return wrapper
+
+
+def _number(name, text):
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise OnnxAttrError(f"--{name.replace('_', '-')} must be a number, got {text!r}") from None
+
+
+# Method flags: absent unless given, and each goes only to the methods that take it
+# (Method.options); a flag that none of the chosen methods takes is an error.
+METHOD_FLAGS = {
+    "steps": dict(type=int, help="integrated-gradients: integration steps, at least 2 "
+                                 f"[default: {DEFAULT_STEPS}]."),
+    "rule": dict(type=click.Choice(list(RULES)),
+                 help=f"integrated-gradients: integration rule [default: {DEFAULT_RULE}]."),
+    "baseline": dict(help="integrated-gradients: black (default), white, blur, uniform (noise "
+                          "from --seed), a number, or an image file of the model's input size."),
+    "smooth": dict(type=click.Choice(list(SMOOTHINGS)),
+                   help="Average the method over noisy copies of the image: SmoothGrad, "
+                        "SmoothGrad squared or VarGrad."),
+    "samples": dict(type=int, help=f"--smooth: noisy copies [default: {DEFAULT_SAMPLES}]."),
+    "noise": dict(type=float, help="--smooth: noise standard deviation as a fraction of the "
+                                   f"image's pixel range [default: {DEFAULT_NOISE}]."),
+    "seed": dict(type=int, help="Seed of --smooth's noise and of the uniform baseline."),
+}
+
+
+def method_flags(command):
+    """Add the method flags to a command, which gets the ones given as a dict `method_options`."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in METHOD_FLAGS}
+        kwargs["method_options"] = {k: v for k, v in given.items() if v is not None}
+        return command(*args, **kwargs)
+    for name, settings in reversed(METHOD_FLAGS.items()):
+        wrapper = click.option(f"--{name}", name, **settings)(wrapper)
+    return wrapper
+
+
+def options_per_method(methods, given):
+    """{method: the options out of `given` that it takes}; refuses a flag no method takes."""
+    for name in given:
+        if not any(name in METHODS[m].options for m in methods):
+            raise OnnxAttrError(f"--{name} does not apply to {', '.join(methods)}")
+    return {m: {k: v for k, v in given.items() if k in METHODS[m].options} for m in methods}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,19 +162,31 @@ def classify(images, model, device, top):
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--save-raw", is_flag=True, help="Also save each attribution as .npy.")
 @click.option("--panel", is_flag=True, help="Also save the photo and every map in one PNG.")
-def explain(images, model, device, methods, target, score, out_dir, save_raw, panel):
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Images per run; integrated gradients' path images and --smooth's noisy "
+                   "copies are made this many at a time [default: all; 32 for those].")
+@click.option("--save-path", is_flag=True, help="integrated-gradients: also save images along "
+              "the integration path (<stem>_path.png).")
+@render_flags
+@method_flags
+def explain(images, model, device, methods, target, score, out_dir, save_raw, panel, options,
+            batch_size, save_path, method_options):
     """Write the example's figures for each image: the photo and one map per method."""
     explainer = open_explainer(model, device)
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
     methods = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
+    method_options = options_per_method(methods, method_options)
+    if save_path and "integrated-gradients" not in methods:
+        raise OnnxAttrError("--save-path needs --method integrated-gradients")
     failed = 0
     with click.progressbar(length=len(images) * len(methods), label="explaining",
                            file=sys.stderr) as bar:
         for stem, image in zip(_unique_stems(images), images):
             try:
                 written = explain_one(explainer, image, methods, target, score,
-                                      out_dir / stem, save_raw, panel, bar.update)
+                                      out_dir / stem, save_raw, panel, bar.update, options,
+                                      method_options, batch_size, save_path)
             except OnnxAttrError as err:
                 failed += _report(err)
                 continue
@@ -93,27 +194,157 @@ def explain(images, model, device, methods, target, score, out_dir, save_raw, pa
     sys.exit(1 if failed else 0)
 
 
-def explain_one(explainer, image, methods, target, score, prefix, save_raw, panel, advance):
-    """Run every method on one image and write its figures; returns the paths written."""
+def explain_one(explainer, image, methods, target, score, prefix, save_raw, panel, advance,
+                options=None, method_options=None, batch_size=None, save_path=False):
+    """Run every method on one image (with its `method_options`) and write its figures
+    (onnxattr.figures); returns the paths written."""
     results = []
     for method in methods:
-        results.append(explainer.explain(image, method=method, target=target, score=score))
+        settings = (method_options or {}).get(method, {})
+        result = explainer.explain(image, method=method, target=target, score=score,
+                                   batch_size=batch_size, **settings)
+        results.append(result)
+        _echo_completeness(image, result, settings)
         advance(1)
-    first = results[0]
-    photo_title = f"{first.label} ({first.score:.2f})"
-    written = [Path(f"{prefix}_photo.png")]
-    render.save_photo_figure(written[0], first.photo, photo_title)
-    for result in results:
-        path = Path(f"{prefix}_{result.method}.png")
-        render.save_map_figure(path, render.colorize(result.map), result.title)
-        written.append(path)
-        if save_raw:
-            written.append(_save_array(Path(f"{prefix}_{result.method}.npy"), result.attribution))
-    if panel:
-        written.append(Path(f"{prefix}_panel.png"))
-        render.save_panel(written[-1], first.photo, photo_title,
-                          [(r.title, render.colorize(r.map)) for r in results])
+    written = list(write_figures(results, f"{prefix}_", options, save_raw, panel).values())
+    if save_path:
+        written.append(save_integration_path(explainer, image, Path(f"{prefix}_path.png"),
+                                             method_options["integrated-gradients"]))
     return written
+
+
+def _echo_completeness(image, result, settings):
+    """Integrated gradients' completeness per image; a warning on stderr when it is off."""
+    if "relative_convergence_delta" not in result.extras:
+        return
+    relative = result.relative_convergence_delta
+    click.echo(f"{image}: {result.method} convergence delta {result.convergence_delta:+.3g} = "
+               f"sum(attribution) - (S(I) - S(I0)), {relative:.2%} of S(I) - S(I0) = "
+               f"{result.score_difference:.4g}")
+    if relative > COMPLETENESS_TOLERANCE:
+        click.echo(f"warning: {image}: the attribution misses S(I) - S(I0) by {relative:.1%} "
+                   f"(over {COMPLETENESS_TOLERANCE:.0%}); use more --steps than "
+                   f"{settings.get('steps', DEFAULT_STEPS)}", err=True)
+
+
+def save_integration_path(explainer, image, path, ig_options):
+    """The example's "Images Along Integration Path" figure for integrated gradients with
+    `ig_options` (the same baseline, rule and steps); returns the path."""
+    own = {k: v for k, v in ig_options.items() if k in METHODS["integrated-gradients"].own_options}
+    alphas, images = path_images(explainer.pixels([image])[0],
+                                 value_range=value_range(explainer.classifier), **own)
+    render.save_tile_figure(path, [im.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8)
+                                   for im in images], "Images Along Integration Path",
+                            labels=[f"α = {a:.2f}" for a in alphas])
+    return path
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_option
+@device_option
+@click.option("--methods", default="gradient", show_default=True,
+              help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'.")
+@click.option("--target", help="Class index or label to explain (default: each top-1 class).")
+@click.option("--score", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+              help="Differentiate the softmax probability (as the example) or the logit.")
+@click.option("--out", "out_dir", default="audit", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--resume", is_flag=True,
+              help="Skip images an earlier run into --out already did with the same settings.")
+@render_flags
+def audit(paths, model, device, methods, target, score, out_dir, resume, options):
+    """Every method on every image (files and folders, recursively): figures, raw .npy,
+    summary.json/.csv and index.html in --out. Exit code 1 if some image failed."""
+    methods = report.parse_methods(methods)
+    explainer = open_explainer(model, device)
+    if target is not None:
+        explainer.target_index(target)  # a bad class fails once, before any work
+    files = report.collect_inputs(paths, exclude=out_dir)
+    with click.progressbar(length=max(1, len(files) * len(methods)), label="auditing",
+                           file=sys.stderr) as bar:
+        summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
+                                   resume, bar.update)
+    for entry in summary["images"]:
+        if entry["status"] == "failed":
+            where = "" if entry["file"] in entry["error"] else f"{entry['file']}: "
+            click.echo(f"failed: {where}{entry['error']}", err=True)
+    counts = summary["counts"]
+    click.echo(f"{counts['done']} done ({counts['skipped']} from an earlier run), "
+               f"{counts['failed']} failed; open {out_dir / 'index.html'}")
+    sys.exit(1 if counts["failed"] else 0)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@model_option
+@device_option
+@click.option("--methods", default="gradient,guided-backprop", show_default=True,
+              help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'.")
+@click.option("--mode", type=click.Choice(["cascading", "independent", "both"]), default="both",
+              show_default=True, help="Cascading (top layer down, cumulative) and/or "
+              "independent (one layer at a time) randomization.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
+              help="Random draws to repeat the test with; the curve shows their spread.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="First seed.")
+@click.option("--group", "grouping", type=click.Choice(["prefix", "node"]), default="prefix",
+              show_default=True, help="One step per node-name prefix (before the first '/'), "
+              "or per parameterised node.")
+@click.option("--distribution", type=click.Choice(["own-std", "he"]), default="own-std",
+              show_default=True, help="Random weights: truncated normal with the layer's own "
+              "weight std, or He's sqrt(2 / fan_in).")
+@click.option("--target", help="Class index or label (default: the original top-1 class).")
+@click.option("--score", type=click.Choice(["prob", "logit"]), default="logit",
+              show_default=True, help="Differentiate the logit or the softmax probability.")
+@click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(1),
+              help="Integration steps of integrated-gradients (when it is among the methods).")
+@click.option("--out", "out_dir", default="sanity", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+def sanity(image, model, device, methods, mode, seeds, seed, grouping, distribution, target,
+           score, ig_steps, out_dir):
+    """Model-parameter randomization test (Adebayo et al. 2018): how similar each method's map
+    stays as the model's layers are randomized. Writes the maps figure per mode, the
+    similarity curve and a JSON of all numbers to --out."""
+    from . import sanity as sanity_check
+
+    methods = report.parse_methods(methods)
+    explainer = open_explainer(model, device)
+    explainer.pixels([image])  # a bad image or class fails before any work
+    if target is not None:
+        explainer.target_index(target)
+    options = ({"integrated-gradients": {"steps": ig_steps}}
+               if "integrated-gradients" in methods else {})
+    modes = ["cascading", "independent"] if mode == "both" else [mode]
+    steps = len(sanity_check.parameter_layers(explainer.classifier.proto,
+                                              explainer.classifier.logits_output, grouping))
+    with click.progressbar(length=len(methods) * (1 + seeds * steps * len(modes)),
+                           label="randomizing", file=sys.stderr) as bar:
+        result = sanity_check.run_sanity(explainer, image, methods, mode, seeds, seed, target,
+                                         score, grouping, distribution, options,
+                                         progress=bar.update)
+    result.model = str(model)
+    written = sanity_check.write_outputs(result, out_dir, Path(image).stem or "image")
+    click.echo(sanity_check.format_table(result))
+    click.echo(", ".join(str(p) for p in written))
+    sys.exit(0)
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["gradient", "guided-backprop", "zeiler-fergus"]),
+              default="gradient", show_default=True, help="Backward rule to compile in.")
+@click.option("--score", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+              help="Differentiate the softmax probability or the logit.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The attribution model to write.")
+def compile_command(model, method, score, output):
+    """Write a portable attribution model (standard ONNX ops: stock onnxruntime, onnxruntime-gpu,
+    onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
+    from .lower import compile_model
+
+    compile_model(model, method, score, output)
+    click.echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
 
 
 def _save_array(path, array):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import AttributionEngine
+from .engine import make_engine
 from .errors import OnnxAttrError
 from .gradient import GraphCache
 from .image import load_image, to_pixels
@@ -34,6 +34,15 @@ class Explanation:
         """float32 (H, W) in [0, 1]: channel sum of |attribution|, rescaled (the example's map)."""
         return attribution_map(self.attribution)
 
+    def render(self, reduction="sum", sign="absolute", clip="none", clip_value=None, cmap=None,
+               style="map", alpha=0.5):
+        """uint8 (H, W, 3) picture of the attribution (see `onnxattr.figures.RenderOptions`):
+        sign absolute|positive|negative|all, reduction sum|max-abs, clip none|percentile|
+        outlier-mass (`clip_value`: its parameter), style map|overlay|masked, any colormap."""
+        from .figures import RenderOptions
+
+        return RenderOptions(reduction, sign, clip, clip_value, cmap, style, alpha).render(self)
+
     def __getattr__(self, name):
         extras = self.__dict__.get("extras", {})
         if name in extras:
@@ -53,7 +62,8 @@ class Explainer:
     def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
                  fit="stretch"):
         self.classifier = load_model(model)
-        self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir), threads)
+        # a compiled attribution model (onnxattr compile) runs on stock onnxruntime
+        self.engine = make_engine(self.classifier, device, GraphCache(cache_dir), threads)
         self.fit = fit
 
     @property
@@ -112,6 +122,11 @@ class Explainer:
         if len(targets) != len(images):
             raise OnnxAttrError(f"{len(targets)} targets for {len(images)} images")
         chosen = get_method(method)
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise OnnxAttrError(f"batch_size must be a positive whole number, got {batch_size!r}")
+        smooth = options.get("smooth")
+        name = method if smooth is None else f"{smooth}-{method}"
         indices = [None if t is None else self.target_index(t) for t in targets]
         pixels = self.pixels(images)
         prob, _ = self.engine.forward(pixels, batch_size)
@@ -119,7 +134,8 @@ class Explainer:
         attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
                                              **options)
         results = [
-            Explanation(method, f"{chosen.title} ({self.labels[i]})", int(i), self.labels[i],
+            Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
+                        self.labels[i],
                         float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
                         .clip(0, 255).astype(np.uint8), extra)
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]

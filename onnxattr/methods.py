@@ -1,41 +1,223 @@
 """Attribution methods: numpy around the engine's d score / d image.
 
 Each method is one entry of `METHODS`: a title for figures and a function
-`(engine, pixels, targets, score, batch_size, **options) -> (attribution, extras)` where
+`(engine, pixels, targets, score, batch_size, *, <its options>) -> (attribution, extras)` where
 `attribution` is float32 [N, C, H, W] and `extras` is a list of per-image dicts of numbers
-(e.g. a completeness delta). A new method is one function and one entry.
+(e.g. a completeness delta). A new method is one function and one entry; its keyword-only
+parameters are its options.
+
+`Method.compute` runs a method as it is, or averaged over noisy copies of the images
+(`smooth=`, see `SMOOTHINGS`) for every method alike:
+
+- SmoothGrad (Smilkov et al. 2017): the mean of the attributions of `samples` copies
+  I + N(0, sigma^2), sigma = `noise` * (max - min of the image's pixels; the model's pixel
+  range for a flat image);
+- SmoothGrad² ("smoothgrad-squared"): the mean of their squares;
+- VarGrad (Adebayo et al. 2018): their variance (population, 1/samples).
+
+Noisy copies, like integrated gradients' path images, are made `batch_size` at a time (`CHUNK`
+when batch_size is None), so memory depends on batch_size, not on `samples` or `steps`.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
+from .engine import VANILLA
 from .errors import OnnxAttrError
+from .paths import (DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks,
+                    value_range)
+
+CHUNK = 32  # images per gradient run for path images and noisy copies when batch_size is None
+COMPLETENESS_TOLERANCE = 0.05  # relative convergence delta above which more steps are advised
+DEFAULT_SAMPLES = 25
+DEFAULT_NOISE = 0.15
+SMOOTH_OPTIONS = ("smooth", "samples", "noise", "seed")
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    prefix: str  # before the method's title: "SmoothGrad Guided Backpropagation"
+    combine: Callable  # (mean, variance) of the noisy attributions -> attribution
+
+
+SMOOTHINGS = {
+    "smoothgrad": Smoothing("SmoothGrad", lambda mean, variance: mean),
+    "smoothgrad-squared": Smoothing("SmoothGrad²", lambda mean, variance: variance + mean ** 2),
+    "vargrad": Smoothing("VarGrad", lambda mean, variance: variance),
+}
 
 
 @dataclass(frozen=True)
 class Method:
     title: str  # figure title, "<title> (<class>)"
-    compute: Callable
+    attribute: Callable  # the method itself, see the module docstring
+
+    @property
+    def own_options(self):
+        """The options of the method itself: the keyword-only parameters of `attribute`."""
+        return tuple(name for name, p in inspect.signature(self.attribute).parameters.items()
+                     if p.kind is p.KEYWORD_ONLY)
+
+    @property
+    def options(self):
+        """Every option `compute` takes for this method: its own and the smoothing ones."""
+        return tuple(dict.fromkeys([*self.own_options, *SMOOTH_OPTIONS]))
+
+    def title_for(self, smooth=None):
+        """The title with the smoothing's prefix, e.g. "SmoothGrad Gradient Attribution Map"."""
+        return self.title if smooth is None else f"{_smoothing(smooth).prefix} {self.title}"
+
+    def compute(self, engine, pixels, targets, score, batch_size, smooth=None, samples=None,
+                noise=None, seed=None, **options):
+        """(attribution, extras) of the method, smoothed when `smooth` names a SMOOTHINGS entry."""
+        unknown = sorted(set(options) - set(self.own_options))
+        if seed is not None and smooth is None and "seed" not in self.own_options:
+            unknown.append("seed (it needs smooth=...)")
+        if unknown:
+            raise OnnxAttrError(f"{self.title} takes no option {', '.join(unknown)} "
+                                f"(its options: {', '.join(self.options)})")
+        targets = np.asarray(targets)
+        if smooth is None:
+            if samples is not None or noise is not None:
+                raise OnnxAttrError("samples and noise need smooth= (one of "
+                                    f"{', '.join(SMOOTHINGS)})")
+            if seed is not None:
+                options["seed"] = seed
+            return self.attribute(engine, pixels, targets, score, batch_size, **options)
+        return self._smoothed(_smoothing(smooth), engine, pixels, targets, score, batch_size,
+                              DEFAULT_SAMPLES if samples is None else samples,
+                              DEFAULT_NOISE if noise is None else noise, seed, options)
+
+    def _smoothed(self, smoothing, engine, pixels, targets, score, batch_size, samples, noise,
+                  seed, options):
+        """`smoothing` of the attributions of `samples` noisy copies of each image."""
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise OnnxAttrError(f"samples must be a whole number of at least 1, got {samples!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.number)) \
+                or not np.isfinite(noise) or noise < 0:
+            raise OnnxAttrError(f"noise must be a number >= 0 (a fraction of the pixel range), "
+                                f"got {noise!r}")
+        seed = np.random.SeedSequence().entropy if seed is None else _checked_seed(seed)
+        if "seed" in self.own_options:
+            options["seed"] = seed
+        spread = pixels.max(axis=(1, 2, 3)) - pixels.min(axis=(1, 2, 3))
+        low, high = value_range(engine.classifier)
+        sigma = noise * np.where(spread > 0, spread, high - low)
+        moments = _Moments(pixels.shape)
+        for image, copies in noisy_copies(pixels, sigma, samples, batch_size or CHUNK, seed):
+            attribution, _ = self.attribute(engine, copies, targets[image], score, batch_size,
+                                            **options)
+            moments.add(image, attribution)
+        attribution = smoothing.combine(moments.mean, moments.variance).astype(np.float32)
+        return attribution, [{"samples": int(samples), "noise_sigma": float(s)} for s in sigma]
+
+
+def noisy_copies(pixels, sigma, samples, batch_size, seed):
+    """`samples` copies of each image plus Gaussian noise of std `sigma[image]`, made
+    `batch_size` at a time: yields (image index per row, copies). The noise depends on `seed`
+    alone, not on batch_size (one random stream, drawn in row order)."""
+    rng = np.random.default_rng([seed, 1])  # a stream apart from the method's own use of seed
+    total = len(pixels) * samples
+    for start in range(0, total, batch_size):
+        image = np.arange(start, min(start + batch_size, total)) // samples
+        noise = rng.standard_normal((len(image), *pixels.shape[1:]), np.float32)
+        yield image, pixels[image] + (sigma[image].reshape(-1, 1, 1, 1) * noise).astype(np.float32)
+
+
+class _Moments:
+    """Running mean and variance (Welford) of the attributions of each image, in float64."""
+
+    def __init__(self, shape):
+        self.count = np.zeros(shape[0])
+        self.mean = np.zeros(shape)
+        self.m2 = np.zeros(shape)
+
+    def add(self, images, values):
+        for n, value in zip(images, values.astype(np.float64)):
+            self.count[n] += 1
+            delta = value - self.mean[n]
+            self.mean[n] += delta / self.count[n]
+            self.m2[n] += delta * (value - self.mean[n])
+
+    @property
+    def variance(self):
+        return self.m2 / self.count.reshape(-1, 1, 1, 1)
+
+
+def _smoothing(name):
+    if not isinstance(name, str) or name not in SMOOTHINGS:
+        raise OnnxAttrError(f"unknown smoothing {name!r} (choose from {', '.join(SMOOTHINGS)})")
+    return SMOOTHINGS[name]
+
+
+def _checked_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise OnnxAttrError(f"seed must be a whole number >= 0, got {seed!r}")
+    return seed
+
+
+# --- the methods -------------------------------------------------------------------------------
 
 
 def _backprop(rule):
     """The gradient with the given ReLU backward rule (`vanilla` is the plain gradient)."""
-    def compute(engine, pixels, targets, score, batch_size, **options):
-        _no_options(options)
+    def attribute(engine, pixels, targets, score, batch_size):
         attribution, _, _ = engine.gradient(pixels, targets, rule, score, batch_size)
         return attribution, [{} for _ in pixels]
-    return compute
+    return attribute
 
 
-def _no_options(options):
-    if options:
-        raise OnnxAttrError(f"unknown option(s) for this method: {', '.join(sorted(options))}")
+def input_x_gradient(engine, pixels, targets, score, batch_size):
+    """The gradient times the input, pixel by pixel."""
+    gradient, _, _ = engine.gradient(pixels, targets, VANILLA, score, batch_size)
+    return pixels * gradient, [{} for _ in pixels]
+
+
+def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DEFAULT_STEPS,
+                         baseline="black", rule=DEFAULT_RULE, seed=None):
+    """(I - I0) * sum_k w_k dS/dI(I0 + a_k (I - I0)), the rule's (a_k, w_k) (see paths.py).
+
+    Path images of all images are made and run `batch_size` at a time. Extras per image:
+    `convergence_delta` = sum(attribution) - (S(I) - S(I0)) (signed, in score units),
+    `relative_convergence_delta` = |delta| / |S(I) - S(I0)| and `score_difference` S(I) - S(I0),
+    with S the same score (prob or logit) at the end points, from forward passes.
+    """
+    alphas, weights = integration_rule(rule, steps)
+    baselines = make_baselines(baseline, pixels, value_range(engine.classifier),
+                               _checked_seed(seed))
+    mean_gradient = np.zeros(pixels.shape)
+    for image, step, path in path_chunks(pixels, baselines, alphas, batch_size or CHUNK):
+        gradient, _, _ = engine.gradient(path, targets[image], VANILLA, score)
+        for n in np.unique(image):
+            rows = image == n
+            mean_gradient[n] += np.tensordot(weights[step[rows]], gradient[rows], axes=1)
+    attribution = (pixels.astype(np.float64) - baselines) * mean_gradient
+    prob, logits = engine.forward(np.concatenate([pixels, baselines]), batch_size)
+    scores = (prob if score == "prob" else logits)[np.arange(2 * len(pixels)),
+                                                   np.tile(targets, 2)].astype(np.float64)
+    difference = scores[:len(pixels)] - scores[len(pixels):]
+    delta = attribution.sum(axis=(1, 2, 3)) - difference
+    return attribution.astype(np.float32), [
+        {"convergence_delta": float(d), "relative_convergence_delta": _relative(d, s),
+         "score_difference": float(s)} for d, s in zip(delta, difference)]
+
+
+def _relative(delta, difference):
+    if difference != 0:
+        return float(abs(delta) / abs(difference))
+    return 0.0 if delta == 0 else float("inf")
 
 
 METHODS = {
-    "gradient": Method("Gradient Attribution Map", _backprop("vanilla")),
+    "gradient": Method("Gradient Attribution Map", _backprop(VANILLA)),
     "guided-backprop": Method("Guided Backpropagation", _backprop("guided")),
     "zeiler-fergus": Method("Zeiler-Fergus", _backprop("zeiler-fergus")),
+    "integrated-gradients": Method("Integrated Gradients", integrated_gradients),
+    "input-x-gradient": Method("Input X Gradient", input_x_gradient),
 }
 
 

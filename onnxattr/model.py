@@ -32,6 +32,8 @@ class ClassifierModel:
     labels: list = field(default_factory=list)
     contract: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    # a compiled attribution model (onnxattr compile): {"method": ..., "score": ...}, else None
+    compiled: dict | None = None
 
     @property
     def size(self):
@@ -62,12 +64,37 @@ def load_model(path):
 def describe_model(proto, digest, name="model"):
     """Find the image input and the class outputs of `proto`."""
     metadata = {p.key: p.value for p in proto.metadata_props}
+    if METHOD_KEY in metadata:
+        return _describe_compiled(proto, digest, name, metadata)
     input_name, channels, height, width = _image_input(proto.graph, name)
     prob_output, logits_output, num_classes = _class_outputs(proto.graph, name)
     labels = _labels(metadata, num_classes, name)
     contract = json.loads(metadata[CONTRACT_KEY]) if CONTRACT_KEY in metadata else {}
     return ClassifierModel(proto, digest, input_name, channels, height, width, num_classes,
                            prob_output, logits_output, labels, contract, metadata)
+
+
+def _describe_compiled(proto, digest, name, metadata):
+    """A compiled attribution model: inputs image [N, C, H, W] and target [N], outputs prob or
+    logits [N, K] and attribution [N, C, H, W] (onnxattr.lower.compile_model)."""
+    inputs = {i.name: i for i in proto.graph.input}
+    outputs = {o.name: o for o in proto.graph.output}
+    if set(inputs) != {"image", "target"} or "attribution" not in outputs or not (
+            {"prob", "logits"} & set(outputs)):
+        raise OnnxAttrError(f"{name} has {METHOD_KEY} metadata but not the inputs image, target "
+                            "and outputs prob or logits, attribution of a compiled model")
+    _, channels, height, width = _dims(inputs["image"])
+    class_output = "prob" if "prob" in outputs else "logits"
+    num_classes = _dims(outputs[class_output])[1]
+    if not all(isinstance(d, int) and d > 0 for d in (channels, height, width, num_classes)):
+        raise OnnxAttrError(f"{name}: compiled model without fixed C, H, W and class count")
+    score = metadata.get(SCORE_KEY, "prob")
+    contract = json.loads(metadata[CONTRACT_KEY]) if CONTRACT_KEY in metadata else {}
+    return ClassifierModel(proto, digest, "image", channels, height, width, num_classes,
+                           "prob" if class_output == "prob" else None,
+                           "logits" if class_output == "logits" else None,
+                           _labels(metadata, num_classes, name), contract, metadata,
+                           {"method": metadata[METHOD_KEY], "score": score})
 
 
 def _dims(value_info):
