@@ -6,16 +6,14 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
-from . import render, report
+from . import report
 from .errors import OnnxAttrError
 from .explainer import DEFAULT_MODEL, Explainer
-from .figures import RenderOptions, write_figures
-from .files import atomic_path
+from .figures import RenderOptions, save_integration_path, write_figures
 from .methods import (COMPLETENESS_TOLERANCE, DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS,
                       SMOOTHINGS)
-from .paths import DEFAULT_RULE, DEFAULT_STEPS, RULES, path_images, value_range
+from .paths import DEFAULT_RULE, DEFAULT_STEPS, RULES
 
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
                "../shared/models/bvlc_googlenet")
@@ -164,7 +162,7 @@ def classify(images, model, device, top):
 @click.option("--panel", is_flag=True, help="Also save the photo and every map in one PNG.")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Images per run; integrated gradients' path images and --smooth's noisy "
-                   "copies are made this many at a time [default: all; 32 for those].")
+                   "copies are made this many at a time [default: all; 16 for those].")
 @click.option("--save-path", is_flag=True, help="integrated-gradients: also save images along "
               "the integration path (<stem>_path.png).")
 @render_flags
@@ -225,18 +223,6 @@ def _echo_completeness(image, result, settings):
         click.echo(f"warning: {image}: the attribution misses S(I) - S(I0) by {relative:.1%} "
                    f"(over {COMPLETENESS_TOLERANCE:.0%}); use more --steps than "
                    f"{settings.get('steps', DEFAULT_STEPS)}", err=True)
-
-
-def save_integration_path(explainer, image, path, ig_options):
-    """The example's "Images Along Integration Path" figure for integrated gradients with
-    `ig_options` (the same baseline, rule and steps); returns the path."""
-    own = {k: v for k, v in ig_options.items() if k in METHODS["integrated-gradients"].own_options}
-    alphas, images = path_images(explainer.pixels([image])[0],
-                                 value_range=value_range(explainer.classifier), **own)
-    render.save_tile_figure(path, [im.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8)
-                                   for im in images], "Images Along Integration Path",
-                            labels=[f"α = {a:.2f}" for a in alphas])
-    return path
 
 
 @cli.command()
@@ -345,13 +331,6 @@ def compile_command(model, method, score, output):
 
     compile_model(model, method, score, output)
     click.echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
-
-
-def _save_array(path, array):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    return path
 
 
 def _unique_stems(images):

@@ -4,7 +4,8 @@
 alpha) and turns an `Explanation` into a uint8 RGB image with `render.py`. `write_figures` writes
 one image's figures as the example does: the photo titled "<class> (<score>)", one figure per
 method titled e.g. "Gradient Attribution Map (Egyptian cat)", optionally the raw attribution
-(.npy) and a panel with the photo and every map.
+(.npy) and a panel with the photo and every map; `save_integration_path` the example's
+"Images Along Integration Path" tile.
 """
 
 from dataclasses import asdict, dataclass
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import render
+from .methods import METHODS
+from .paths import path_images, value_range
 from .errors import OnnxAttrError
 from .files import atomic_path
 
@@ -121,3 +124,15 @@ def save_array(path, array):
         with open(tmp, "wb") as handle:
             np.save(handle, array)
     return Path(path)
+
+
+def save_integration_path(explainer, image, path, ig_options):
+    """The example's "Images Along Integration Path" figure for integrated gradients with
+    `ig_options` (the same baseline, rule and steps); returns the path."""
+    own = {k: v for k, v in ig_options.items() if k in METHODS["integrated-gradients"].own_options}
+    alphas, images = path_images(explainer.pixels([image])[0],
+                                 value_range=value_range(explainer.classifier), **own)
+    render.save_tile_figure(path, [im.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8)
+                                   for im in images], "Images Along Integration Path",
+                            labels=[f"α = {a:.2f}" for a in alphas])
+    return path

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import __version__
 from .errors import OnnxAttrError
 from .files import atomic_path
-from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
+from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, default_opset, load_model
 from .prepare import LOGITS, ONEHOT, PROB, GraphEditor
 
 TARGET_OPSET = 17  # ScatterElements with reduction="add" needs >= 16; stock runtimes all run 17
@@ -342,7 +342,7 @@ def lower_graph(model, opset=TARGET_OPSET):
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     prune(lowered)
-    own = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), opset)
+    own = default_opset(model) or opset
     del lowered.opset_import[:]
     lowered.opset_import.append(helper.make_opsetid("", max(opset, own)))
     lowered.ir_version = min(lowered.ir_version, MAX_IR_VERSION)
@@ -406,15 +406,13 @@ def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=N
 
 def _at_least_opset(classifier, opset):
     """The classifier converted to default-domain `opset` if it uses an older one."""
-    own = next((o.version for o in classifier.proto.opset_import if o.domain in STANDARD_DOMAINS),
-               opset)
-    if own >= opset:
+    if (classifier.opset or opset) >= opset:
         return classifier
     try:
         from onnx import version_converter
         converted = version_converter.convert_version(classifier.proto, opset)
     except Exception as err:
-        raise OnnxAttrError(f"cannot convert the model from opset {own} to {opset}: "
+        raise OnnxAttrError(f"cannot convert the model from opset {classifier.opset} to {opset}: "
                             f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}"
                             ) from None
     return replace(classifier, proto=converted, digest=f"{classifier.digest}@opset{opset}")

@@ -30,7 +30,8 @@ from .errors import OnnxAttrError
 from .paths import (DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks,
                     value_range)
 
-CHUNK = 32  # images per gradient run for path images and noisy copies when batch_size is None
+CHUNK = 16  # images per gradient run for path images and noisy copies when batch_size is None
+# (GoogLeNet on 2 cores: the same speed per image as 32 or 50, 0.6x the memory of 32)
 COMPLETENESS_TOLERANCE = 0.05  # relative convergence delta above which more steps are advised
 DEFAULT_SAMPLES = 25
 DEFAULT_NOISE = 0.15

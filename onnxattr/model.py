@@ -36,9 +36,19 @@ class ClassifierModel:
     compiled: dict | None = None
 
     @property
+    def opset(self):
+        """The model's default-domain (ai.onnx) opset version."""
+        return default_opset(self.proto)
+
+    @property
     def size(self):
         """(height, width) of the model's image input."""
         return (self.height, self.width)
+
+
+def default_opset(proto):
+    """The default-domain (ai.onnx) opset a ModelProto imports (0 if none)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def load_model(path):

@@ -195,10 +195,6 @@ def _window_share(inside, kernel, strides, pads):
 FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn, "BatchNormalization": _fix_batchnorm}
 
 
-def _default_opset(model):
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def prepare_forward(classifier):
     """A copy of the classifier's graph the builder can differentiate, with outputs prob, logits.
 
@@ -206,7 +202,7 @@ def prepare_forward(classifier):
     """
     model = onnx.ModelProto()
     model.CopyFrom(classifier.proto)
-    opset = _default_opset(model)
+    opset = classifier.opset
     if opset > MAX_OPSET:
         raise OnnxAttrError(f"model uses opset {opset}; onnxruntime-training supports at most "
                             f"{MAX_OPSET} (re-export with opset <= {MAX_OPSET})")

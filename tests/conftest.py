@@ -40,3 +40,20 @@ def torch_reference(googlenet_caffe_dir):
     from torch_googlenet import build_reference
 
     return build_reference(googlenet_caffe_dir)
+
+
+@pytest.fixture(scope="session")
+def photos(shared_dir):
+    """The shared photos (png and jpg), sorted by name."""
+    paths = sorted(p for p in (shared_dir / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    if not paths:
+        pytest.skip("no shared photos")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def googlenet(googlenet_path, tmp_path_factory):
+    """An Explainer of the exported GoogLeNet with a graph cache of its own."""
+    from onnxattr import Explainer
+
+    return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("googlenet_cache"))

@@ -105,16 +105,6 @@ def test_undifferentiable_op_is_named(tmp_path):
 # --- BVLC GoogLeNet against the float64 PyTorch reference --------------------------------------
 
 
-@pytest.fixture(scope="module")
-def googlenet(googlenet_path, tmp_path_factory):
-    return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def photos(shared_dir):
-    return sorted(p for p in (shared_dir / "images").iterdir() if p.suffix in (".png", ".jpg"))
-
-
 def torch_gradient(reference, pixels, targets, score="prob"):
     import torch
 

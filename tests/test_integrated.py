@@ -536,16 +536,6 @@ def test_cli_smooth_titles_and_options_per_method(onnxattr_cli, monkeypatch):
 # --- GoogLeNet against a float64 PyTorch integrated gradients --------------------------------
 
 
-@pytest.fixture(scope="module")
-def googlenet(googlenet_path, tmp_path_factory):
-    return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def photos(shared_dir):
-    return sorted(p for p in (shared_dir / "images").iterdir() if p.suffix in (".png", ".jpg"))
-
-
 def torch_integrated_gradients(reference, pixels, baseline, target, rule, steps, score):
     """IG in float64 PyTorch: all path images in one batch, the rule's weights on the grads."""
     import torch

@@ -288,21 +288,14 @@ def googlenet(googlenet_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_resnet(tmp_path_factory):
-    """TinyResNet of tests/test_rewrite.py (residual Adds, functional ReLUs), exported."""
-    torch = pytest.importorskip("torch")
-    from test_rewrite import TinyResNet
+    """TinyResNet (tests/tiny_resnet.py: residual Adds, functional ReLUs), exported."""
+    pytest.importorskip("torch")
+    from tiny_resnet import export_tiny_resnet
 
-    torch.manual_seed(0)
-    net = TinyResNet().eval()
     folder = tmp_path_factory.mktemp("resnet")
     path = folder / "tiny_resnet.onnx"
-    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
-    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["image"],
-                      output_names=["prob"], dynamic_axes={"image": {0: "N"}, "prob": {0: "N"}},
-                      opset_version=17, **kwargs)
+    export_tiny_resnet(path)
     model = onnx.load(path)
-    model.ir_version = 8
-    onnx.save(model, path)
     assert {"Add", "ReduceMean"} <= {n.op_type for n in model.graph.node}
     cache = folder / "cache"
     return path, Explainer(path, cache_dir=cache), folder, cache

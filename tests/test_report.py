@@ -19,22 +19,14 @@ from onnx import helper
 from PIL import Image
 
 import small_models
-from onnxattr import Explainer, render
 from onnxattr.cli import main
+from test_cli import run_cli
+from onnxattr import Explainer, render
 from onnxattr.figures import RenderOptions
 from onnxattr.report import collect_inputs, image_key, run_audit
 
 LABELS = ["apple", "banana", "cherry", "date", "elderberry"]
 SCREENSHOT_COPY = "/tmp/audit_page.png"
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """Run `onnxattr ARGS` in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["onnxattr", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def error_lines(err):

@@ -24,7 +24,7 @@ from small_models import SIZE, _weights, classifier, save
 onnxruntime.set_default_logger_severity(3)
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+from tiny_resnet import export_tiny_resnet  # noqa: E402 (needs torch)
 
 MAPS_DIR = Path("/tmp/onnxattr_rewrite_maps")
 METHOD_RULES = {"gradient": "vanilla", "guided-backprop": "guided",
@@ -141,18 +141,6 @@ def test_vanilla_rule_reproduces_relugrad():
 
 # --- 2. BVLC GoogLeNet against float64 PyTorch ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def googlenet(googlenet_path, tmp_path_factory):
-    return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("googlenet_cache"))
-
-
-@pytest.fixture(scope="module")
-def photos(shared_dir):
-    paths = sorted(p for p in (shared_dir / "images").iterdir() if p.suffix in (".png", ".jpg"))
-    if not paths:
-        pytest.skip("no shared photos")
-    return paths
-
 
 @contextmanager
 def relu_modules_rule(model, rule):
@@ -189,40 +177,12 @@ def test_googlenet_matches_torch(googlenet, torch_reference, photos, method):
 
 # --- 3. a residual network with functional ReLUs -------------------------------------------------
 
-class TinyResNet(torch.nn.Module):
-    """Stem, an identity residual block, a strided block with a 1x1 projection; F.relu only."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        conv = torch.nn.Conv2d
-        self.relu = F.relu
-        self.stem = conv(3, 8, 3, padding=1)
-        self.a1, self.a2 = conv(8, 8, 3, padding=1), conv(8, 8, 3, padding=1)
-        self.b1, self.b2 = conv(8, 16, 3, stride=2, padding=1), conv(16, 16, 3, padding=1)
-        self.project = conv(8, 16, 1, stride=2)
-        self.fc = torch.nn.Linear(16, classes)
-        torch.nn.init.normal_(self.fc.weight, std=4.0)  # confident enough to be non-uniform
-
-    def forward(self, image):
-        x = self.relu(self.stem((image - 127.5) / 64.0))
-        x = self.relu(x + self.a2(self.relu(self.a1(x))))
-        x = self.relu(self.project(x) + self.b2(self.relu(self.b1(x))))
-        return torch.softmax(self.fc(x.mean(dim=(2, 3))), dim=1)
-
-
 @pytest.fixture(scope="module")
 def tiny_resnet(tmp_path_factory):
     """(Explainer of the exported TinyResNet, its float64 torch twin)."""
-    torch.manual_seed(0)
-    net = TinyResNet().eval()
     path = tmp_path_factory.mktemp("resnet") / "tiny_resnet.onnx"
-    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
-    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["image"],
-                      output_names=["prob"], dynamic_axes={"image": {0: "N"}, "prob": {0: "N"}},
-                      opset_version=17, **kwargs)
+    net = export_tiny_resnet(path)
     model = onnx.load(path)
-    model.ir_version = 8
-    onnx.save(model, path)
     assert sum(n.op_type == "Relu" for n in model.graph.node) == 5
     assert sum(n.op_type == "Add" for n in model.graph.node) == 2
     explainer = Explainer(path, cache_dir=tmp_path_factory.mktemp("resnet_cache"))
