@@ -239,10 +239,13 @@ def _echo_completeness(image, result, settings):
 @click.option("--resume", is_flag=True,
               help="Skip images an earlier run into --out already did with the same settings.")
 @render_flags
-def audit(paths, model, device, methods, target, score, out_dir, resume, options):
+@method_flags
+def audit(paths, model, device, methods, target, score, out_dir, resume, options,
+          method_options):
     """Every method on every image (files and folders, recursively): figures, raw .npy,
     summary.json/.csv and index.html in --out. Exit code 1 if some image failed."""
     methods = report.parse_methods(methods)
+    method_options = options_per_method(methods, method_options)
     explainer = open_explainer(model, device)
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
@@ -250,7 +253,7 @@ def audit(paths, model, device, methods, target, score, out_dir, resume, options
     with click.progressbar(length=max(1, len(files) * len(methods)), label="auditing",
                            file=sys.stderr) as bar:
         summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
-                                   resume, bar.update)
+                                   resume, bar.update, method_options)
     for entry in summary["images"]:
         if entry["status"] == "failed":
             where = "" if entry["file"] in entry["error"] else f"{entry['file']}: "

@@ -88,13 +88,14 @@ def image_key(path):
 
 
 def run_audit(explainer, paths, methods, out_dir, options=None, target=None, score="prob",
-              resume=False, advance=None):
+              resume=False, advance=None, method_options=None):
     """Run `methods` on every image found in `paths` and write the figures and the summary.
 
     `options`: a `RenderOptions` (default: the example's map). `target`: class index or label to
     explain (None: each image's top-1 class). `resume`: skip images already done by an earlier
     run into `out_dir` with the same settings and their outputs present. `advance(n)` is called
-    as methods finish (for a progress bar). Returns the summary dict, also written to
+    as methods finish (for a progress bar). `method_options`: {method: keyword options of
+    Explainer.explain} (e.g. integrated gradients' steps). Returns the summary dict, also written to
     `out_dir/summary.json`; `summary["counts"]` has how many images are done, failed, skipped.
     """
     out_dir = Path(out_dir)
@@ -107,7 +108,8 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     if not files:
         raise OnnxAttrError("no image files found in " + ", ".join(map(str, paths)))
     settings = {"model_sha256": explainer.classifier.digest, "fit": explainer.fit, "score": score,
-                "target": target_index, "render": options.as_dict(), "onnxattr": __version__}
+                "target": target_index, "render": options.as_dict(), "onnxattr": __version__,
+                "method_options": method_options or {}}
     previous = _previous_entries(out_dir) if resume else {}
     advance = advance or (lambda n: None)
     summary = {"version": SUMMARY_VERSION, "methods": methods, "settings": settings,
@@ -122,7 +124,7 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
             advance(len(methods))
         else:
             entry = audit_image(explainer, path, key, methods, out_dir, options, target_index,
-                                score, settings, advance)
+                                score, settings, advance, method_options or {})
         summary["images"].append(entry)
         summary["counts"] = _counts(summary["images"], skipped)
         write_summary(out_dir, summary)
@@ -130,7 +132,7 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
 
 
 def audit_image(explainer, path, key, methods, out_dir, options, target_index, score, settings,
-                advance):
+                advance, method_options=None):
     """One image: classify, every method, figures; a summary entry (never raises on bad input)."""
     entry = {"file": str(path), "key": key, "status": "failed", "error": None, "predicted": None,
              "top5": [], "target": None, "methods": {}, "outputs": {}, "settings": settings}
@@ -149,7 +151,8 @@ def audit_image(explainer, path, key, methods, out_dir, options, target_index, s
         record = entry["methods"][method] = {"status": "failed", "time_s": None, "error": None}
         start = time.perf_counter()
         try:
-            result = explainer.explain(image, method=method, target=chosen, score=score)
+            result = explainer.explain(image, method=method, target=chosen, score=score,
+                                       **(method_options or {}).get(method, {}))
         except Exception as err:  # noqa: BLE001
             record["error"] = _message(err)
             errors.append(f"{method}: {record['error']}")

@@ -263,6 +263,23 @@ def test_all_done_exits_zero(small, monkeypatch, capsys):
     assert "1 done" in out and "0 failed" in out
 
 
+def test_audit_passes_method_flags_to_the_methods_that_take_them(small, monkeypatch, capsys):
+    tmp_path, model, photo = small
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--out", out,
+                           "--methods", "gradient,integrated-gradients", "--steps", "3",
+                           "--rule", "riemann_middle")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["method_options"] == {
+        "gradient": {}, "integrated-gradients": {"steps": 3, "rule": "riemann_middle"}}
+    record = summary["images"][0]["methods"]["integrated-gradients"]
+    assert record["status"] == "done" and "relative_convergence_delta" in record
+    code, _, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--out", out,
+                           "--methods", "gradient", "--steps", "3")
+    assert code == 1 and "--steps does not apply to gradient" in err
+
+
 # --- the audit on GoogLeNet: summary, exit code, resume, the page in Chromium ------------------
 
 
