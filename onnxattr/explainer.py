@@ -12,6 +12,7 @@ from .image import load_image, to_pixels
 from .methods import get_method
 from .model import load_model
 from .render import attribution_map
+from .runtime import require_provider
 
 DEFAULT_MODEL = "models/googlenet.onnx"
 
@@ -61,6 +62,7 @@ class Explainer:
 
     def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
                  fit="stretch"):
+        require_provider(device)  # a missing CUDA provider fails here, before any image
         self.classifier = load_model(model)
         # a compiled attribution model (onnxattr compile) runs on stock onnxruntime
         self.engine = make_engine(self.classifier, device, GraphCache(cache_dir), threads)

@@ -17,8 +17,8 @@ def _onnxruntime():
     return onnxruntime
 
 
-def make_session(model, device="cpu", threads=None):
-    """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back."""
+def require_provider(device):
+    """The execution provider for `device`, or an OnnxAttrError if this onnxruntime lacks it."""
     if device not in PROVIDERS:
         raise OnnxAttrError(f"unknown device '{device}' (choose {' or '.join(PROVIDERS)})")
     ort = _onnxruntime()
@@ -27,6 +27,13 @@ def make_session(model, device="cpu", threads=None):
         raise OnnxAttrError(f"device '{device}' needs {provider}, which this onnxruntime "
                             f"({ort.__version__}) does not have; available: "
                             f"{', '.join(ort.get_available_providers())}")
+    return provider
+
+
+def make_session(model, device="cpu", threads=None):
+    """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back."""
+    provider = require_provider(device)
+    ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import helper
 from PIL import Image
@@ -203,3 +204,13 @@ def test_installed_entry_point_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: model file not found")
     assert "Traceback" not in result.stderr
+
+
+def test_cuda_without_its_provider_fails_before_any_work(env, monkeypatch, capsys):
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    tmp_path, model, photo = env
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--device",
+                           "cuda", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "CUDAExecutionProvider", "device 'cuda'")
+    assert not (tmp_path / "out").exists()
