@@ -57,3 +57,19 @@ def googlenet(googlenet_path, tmp_path_factory):
     from onnxattr import Explainer
 
     return Explainer(googlenet_path, cache_dir=tmp_path_factory.mktemp("googlenet_cache"))
+
+
+@pytest.fixture
+def small_classifier(tmp_path, monkeypatch):
+    """(tmp_path, a small labelled classifier's path, a photo for it); a private graph cache."""
+    import json
+
+    from onnx import helper
+
+    import small_models
+
+    monkeypatch.setenv("ONNXATTR_CACHE", str(tmp_path / "cache"))
+    model = small_models.conv_relu_maxpool_lrn()
+    helper.set_model_props(model, {"onnxattr.labels": json.dumps(small_models.LABELS)})
+    model_path = small_models.save(model, tmp_path / "small.onnx")
+    return tmp_path, model_path, small_models.random_photo(tmp_path / "photo.png")

@@ -3,6 +3,8 @@
 Every model takes `image` [N, 3, 8, 8] and outputs `prob` (softmax) or only `logits`.
 """
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -11,6 +13,7 @@ from onnx.reference.op_run import OpRun
 
 OPSET = 17
 SIZE = 8
+LABELS = ["apple", "banana", "cherry", "date", "elderberry"]  # of the 5-class models
 
 
 def _weights(rng, *shape, scale=0.5):
@@ -95,6 +98,15 @@ def as_float64(model):
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
     return copy
+
+
+def random_photo(path, seed=0, size=(20, 30)):
+    """Save a random RGB photo of `size` (height, width) at `path`; returns the path."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), np.uint8)).save(path)
+    return path
 
 
 def save(model, path):

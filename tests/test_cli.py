@@ -1,6 +1,5 @@
 """The command line: outputs, and bad input as one line on stderr with a non-zero exit code."""
 
-import json
 import subprocess
 import sys
 
@@ -8,13 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import helper
 from PIL import Image
 
 import small_models
+from small_models import LABELS
 from onnxattr.cli import main
 
-LABELS = ["apple", "banana", "cherry", "date", "elderberry"]
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -35,20 +33,8 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A small labelled classifier, a photo for it, and a private graph cache."""
-    monkeypatch.setenv("ONNXATTR_CACHE", str(tmp_path / "cache"))
-    model = small_models.conv_relu_maxpool_lrn()
-    helper.set_model_props(model, {"onnxattr.labels": json.dumps(LABELS)})
-    model_path = small_models.save(model, tmp_path / "small.onnx")
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)).save(photo)
-    return tmp_path, model_path, photo
-
-
-def test_explain_writes_the_two_figures_and_raw(env, monkeypatch, capsys):
-    tmp_path, model, photo = env
+def test_explain_writes_the_two_figures_and_raw(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     code, out, _ = run_cli(monkeypatch, capsys, "explain", photo, "--model", model,
                            "--out", tmp_path / "out", "--save-raw", "--target", "cherry")
     assert code == 0
@@ -57,8 +43,8 @@ def test_explain_writes_the_two_figures_and_raw(env, monkeypatch, capsys):
     assert np.load(tmp_path / "out" / "photo_gradient.npy").shape == (3, 8, 8)
 
 
-def test_classify_prints_top_classes(env, monkeypatch, capsys):
-    _, model, photo = env
+def test_classify_prints_top_classes(small_classifier, monkeypatch, capsys):
+    _, model, photo = small_classifier
     code, out, _ = run_cli(monkeypatch, capsys, "classify", photo, "--model", model, "--top", 2)
     assert code == 0
     assert len([line for line in out.splitlines() if line.startswith("  ")]) == 2
@@ -71,8 +57,8 @@ def test_classify_prints_top_classes(env, monkeypatch, capsys):
     (b"this is a text file, not a picture\n", "not an image"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "photo.png"),
 ])
-def test_bad_image_files(env, monkeypatch, capsys, content, problem):
-    tmp_path, model, _ = env
+def test_bad_image_files(small_classifier, monkeypatch, capsys, content, problem):
+    tmp_path, model, _ = small_classifier
     bad = tmp_path / "photo.png"
     bad.unlink()
     if content is not None:
@@ -82,8 +68,8 @@ def test_bad_image_files(env, monkeypatch, capsys, content, problem):
     assert_one_line_error(code, err, "photo.png", problem)
 
 
-def test_truncated_jpeg(env, monkeypatch, capsys):
-    tmp_path, model, _ = env
+def test_truncated_jpeg(small_classifier, monkeypatch, capsys):
+    tmp_path, model, _ = small_classifier
     path = tmp_path / "cut.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:300])
@@ -92,8 +78,8 @@ def test_truncated_jpeg(env, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "1"])
-def test_odd_image_modes_work(env, monkeypatch, capsys, mode):
-    tmp_path, model, _ = env
+def test_odd_image_modes_work(small_classifier, monkeypatch, capsys, mode):
+    tmp_path, model, _ = small_classifier
     path = tmp_path / f"odd.{'jpg' if mode == 'CMYK' else 'png'}"
     Image.new("RGB", (16, 12), (200, 30, 90)).convert(mode).save(path)
     code, _, err = run_cli(monkeypatch, capsys, "explain", path, "--model", model, "--out",
@@ -101,8 +87,8 @@ def test_odd_image_modes_work(env, monkeypatch, capsys, mode):
     assert code == 0, err
 
 
-def test_exif_rotated_photo_is_upright(env, monkeypatch, capsys):
-    tmp_path, model, _ = env
+def test_exif_rotated_photo_is_upright(small_classifier, monkeypatch, capsys):
+    tmp_path, model, _ = small_classifier
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -111,8 +97,8 @@ def test_exif_rotated_photo_is_upright(env, monkeypatch, capsys):
     assert code == 0, err
 
 
-def test_huge_image_is_refused(env, monkeypatch, capsys):
-    tmp_path, model, _ = env
+def test_huge_image_is_refused(small_classifier, monkeypatch, capsys):
+    tmp_path, model, _ = small_classifier
     import onnxattr.image as image_module
     monkeypatch.setattr(image_module, "MAX_PIXELS", 100)
     path = tmp_path / "huge.png"
@@ -127,8 +113,8 @@ def test_huge_image_is_refused(env, monkeypatch, capsys):
     ("5", "out of range 0..4"),
     ("-1", "unknown class name '-1'"),
 ])
-def test_bad_targets(env, monkeypatch, capsys, target, problem):
-    tmp_path, model, photo = env
+def test_bad_targets(small_classifier, monkeypatch, capsys, target, problem):
+    tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--target",
                            target, "--out", tmp_path / "out")
     assert_one_line_error(code, err, problem)
@@ -158,8 +144,8 @@ def undifferentiable():
     (no_class_output, ["not an image classifier", "softmax or logits"]),
     (undifferentiable, ["cannot differentiate op Round", "relu1"]),
 ])
-def test_bad_models(env, monkeypatch, capsys, make, problems):
-    tmp_path, _, photo = env
+def test_bad_models(small_classifier, monkeypatch, capsys, make, problems):
+    tmp_path, _, photo = small_classifier
     path = tmp_path / "bad.onnx"
     onnx.save(make(), path)
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path)
@@ -170,8 +156,8 @@ def test_bad_models(env, monkeypatch, capsys, make, problems):
     (None, "model file not found"),
     (b"definitely not protobuf \xff\xfe", "is not an ONNX model"),
 ])
-def test_missing_or_corrupt_model(env, monkeypatch, capsys, content, problem):
-    tmp_path, _, photo = env
+def test_missing_or_corrupt_model(small_classifier, monkeypatch, capsys, content, problem):
+    tmp_path, _, photo = small_classifier
     path = tmp_path / "model.onnx"
     if content is not None:
         path.write_bytes(content)
@@ -179,15 +165,15 @@ def test_missing_or_corrupt_model(env, monkeypatch, capsys, content, problem):
     assert_one_line_error(code, err, problem)
 
 
-def test_default_model_missing_says_how_to_export(env, monkeypatch, capsys):
-    tmp_path, _, photo = env
+def test_default_model_missing_says_how_to_export(small_classifier, monkeypatch, capsys):
+    tmp_path, _, photo = small_classifier
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "classify", photo)
     assert_one_line_error(code, err, "models/googlenet.onnx", "export_googlenet.py")
 
 
-def test_a_bad_file_among_good_ones_keeps_the_good_outputs(env, monkeypatch, capsys):
-    tmp_path, model, photo = env
+def test_a_bad_file_among_good_ones_keeps_the_good_outputs(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     out = tmp_path / "out"
     assert run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -206,10 +192,10 @@ def test_installed_entry_point_reports_errors_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cuda_without_its_provider_fails_before_any_work(env, monkeypatch, capsys):
+def test_cuda_without_its_provider_fails_before_any_work(small_classifier, monkeypatch, capsys):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    tmp_path, model, photo = env
+    tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--device",
                            "cuda", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "CUDAExecutionProvider", "device 'cuda'")

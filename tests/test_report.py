@@ -15,38 +15,21 @@ import sys
 
 import numpy as np
 import pytest
-from onnx import helper
 from PIL import Image
 
-import small_models
+from small_models import random_photo
 from onnxattr.cli import main
 from test_cli import run_cli
 from onnxattr import Explainer, render
 from onnxattr.figures import RenderOptions
 from onnxattr.report import collect_inputs, image_key, run_audit
 
-LABELS = ["apple", "banana", "cherry", "date", "elderberry"]
 SCREENSHOT_COPY = "/tmp/audit_page.png"
 
 
 def error_lines(err):
     return [line for line in err.splitlines()
             if line.strip() and "explaining" not in line and "auditing" not in line]
-
-
-def random_photo(path, seed=0, size=(20, 30)):
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture
-def small(tmp_path, monkeypatch):
-    """A small labelled classifier, a photo for it, and a private graph cache."""
-    monkeypatch.setenv("ONNXATTR_CACHE", str(tmp_path / "cache"))
-    model = small_models.conv_relu_maxpool_lrn()
-    helper.set_model_props(model, {"onnxattr.labels": json.dumps(LABELS)})
-    model_path = small_models.save(model, tmp_path / "small.onnx")
-    return tmp_path, model_path, random_photo(tmp_path / "photo.png")
 
 
 # --- rendering options: API and flags -----------------------------------------------------------
@@ -77,8 +60,8 @@ def record_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["explain", "audit"])
-def test_render_flags_reach_render(small, monkeypatch, capsys, command):
-    tmp_path, model, photo = small
+def test_render_flags_reach_render(small_classifier, monkeypatch, capsys, command):
+    tmp_path, model, photo = small_classifier
     calls = record_calls(monkeypatch)
     extra = ["--panel"] if command == "explain" else []
     code, _, err = run_cli(monkeypatch, capsys, command, photo, "--model", model, "--out",
@@ -90,8 +73,8 @@ def test_render_flags_reach_render(small, monkeypatch, capsys, command):
     assert all(call == EXPECTED_STYLE for call in calls["styled"])
 
 
-def test_default_flags_draw_the_example_map(small, monkeypatch, capsys):
-    tmp_path, model, photo = small
+def test_default_flags_draw_the_example_map(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     calls = record_calls(monkeypatch)
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
                            tmp_path / "out")
@@ -102,8 +85,8 @@ def test_default_flags_draw_the_example_map(small, monkeypatch, capsys):
                                    "signed": False}
 
 
-def test_explanation_render_is_render_py(small):
-    tmp_path, model, photo = small
+def test_explanation_render_is_render_py(small_classifier):
+    tmp_path, model, photo = small_classifier
     r = Explainer(model, cache_dir=tmp_path / "cache").explain(photo)
     assert np.array_equal(r.render(), render.colorize(r.map))  # the defaults: the example's map
     got = r.render(reduction="max-abs", sign="all", clip="percentile", clip_value=90,
@@ -129,9 +112,9 @@ def test_explanation_render_is_render_py(small):
     (["--alpha", "half"], "--alpha must be a number, got 'half'"),
 ])
 @pytest.mark.parametrize("command", ["explain", "audit"])
-def test_bad_render_flags_are_one_line_errors(small, monkeypatch, capsys, command, flags,
+def test_bad_render_flags_are_one_line_errors(small_classifier, monkeypatch, capsys, command, flags,
                                               fragment):
-    tmp_path, model, photo = small
+    tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, command, photo, "--model", model, "--out",
                            tmp_path / "out", *flags)
     assert code == 1
@@ -141,8 +124,8 @@ def test_bad_render_flags_are_one_line_errors(small, monkeypatch, capsys, comman
     assert not (tmp_path / "out").exists()  # checked before any work
 
 
-def test_audit_unknown_method_is_one_line(small, monkeypatch, capsys):
-    tmp_path, model, photo = small
+def test_audit_unknown_method_is_one_line(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--methods",
                            "gradient,saliency", "--out", tmp_path / "out")
     assert code == 1
@@ -175,8 +158,8 @@ def test_inputs_recursive_by_extension_and_named_files(tmp_path):
                      photos / "deep" / "deeper" / "c.webp", named, tmp_path / "missing.png"]
 
 
-def test_same_stems_in_different_folders_do_not_collide(small):
-    tmp_path, model, _ = small
+def test_same_stems_in_different_folders_do_not_collide(small_classifier):
+    tmp_path, model, _ = small_classifier
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     first = random_photo(tmp_path / "one" / "cat.png", seed=1)
@@ -193,8 +176,8 @@ def test_same_stems_in_different_folders_do_not_collide(small):
         assert np.array_equal(saved, explainer.explain(source).attribution)
 
 
-def test_resume_skips_done_images_and_redoes_the_rest(small, monkeypatch):
-    tmp_path, model, _ = small
+def test_resume_skips_done_images_and_redoes_the_rest(small_classifier, monkeypatch):
+    tmp_path, model, _ = small_classifier
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
@@ -227,8 +210,8 @@ def test_resume_skips_done_images_and_redoes_the_rest(small, monkeypatch):
     assert len(calls) == 6
 
 
-def test_interrupted_audit_keeps_the_summary_of_what_was_done(small, monkeypatch):
-    tmp_path, model, _ = small
+def test_interrupted_audit_keeps_the_summary_of_what_was_done(small_classifier, monkeypatch):
+    tmp_path, model, _ = small_classifier
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
@@ -255,16 +238,16 @@ def test_interrupted_audit_keeps_the_summary_of_what_was_done(small, monkeypatch
     assert resumed["counts"]["skipped"] == 1 and resumed["counts"]["done"] == 3
 
 
-def test_all_done_exits_zero(small, monkeypatch, capsys):
-    tmp_path, model, photo = small
+def test_all_done_exits_zero(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     code, out, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--out",
                              tmp_path / "out")
     assert code == 0, err
     assert "1 done" in out and "0 failed" in out
 
 
-def test_audit_passes_method_flags_to_the_methods_that_take_them(small, monkeypatch, capsys):
-    tmp_path, model, photo = small
+def test_audit_passes_method_flags_to_the_methods_that_take_them(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
     out = tmp_path / "out"
     code, _, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--out", out,
                            "--methods", "gradient,integrated-gradients", "--steps", "3",
