@@ -55,26 +55,15 @@ class Lowering:
     """What a rule sees: the graph editor, static shapes, producers, and which tensors are used."""
 
     def __init__(self, model):
-        self.model = model
-        self.editor = GraphEditor(model.graph)
+        self.editor = GraphEditor(model.graph, model.opset_import)
         self.producers = {o: n for n in model.graph.node for o in n.output if o}
         self.used = {i for n in model.graph.node for i in n.input} | {
             o.name for o in model.graph.output}
-        self._shapes = None
         self._consts = {}
 
     def shape(self, name):
         """The inferred shape of `name`: a list of ints or None per dim; None if unknown."""
-        if self._shapes is None:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
-            graph = inferred.graph
-            self._shapes = {
-                v.name: [d.dim_value if d.HasField("dim_value") else None
-                         for d in v.type.tensor_type.shape.dim]
-                for v in (*graph.value_info, *graph.input, *graph.output)
-                if v.type.tensor_type.HasField("shape")}
-            self._shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        return self._shapes.get(name)
+        return self.editor.inferred_shape(name)
 
     def spatial(self, name, node, what):
         """Static spatial dims (all but N, C) of `name`, or an error naming the node."""

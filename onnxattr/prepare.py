@@ -22,8 +22,10 @@ LOGITS = "logits"
 class GraphEditor:
     """Small helpers for editing one graph: constants, unique names, producers and consumers."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, opset_imports=None):
         self.graph = graph
+        # the opsets shape inference reads the graph's ops at: the model's own where known
+        self.opset_imports = list(opset_imports or [helper.make_opsetid("", MAX_OPSET)])
         self._names = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
         self._names |= {t.name for t in graph.initializer}
         self._shapes = None
@@ -53,15 +55,23 @@ class GraphEditor:
                 return numpy_helper.to_array(node.attribute[0].t)
         return None
 
-    def shape(self, name):
-        """The static shape of tensor `name` from shape inference (batch may be symbolic)."""
+    def inferred_shape(self, name):
+        """The shape of tensor `name` from shape inference: an int, or None where unknown, per
+        dimension; None when inference knows nothing of the tensor."""
         if self._shapes is None:
             inferred = onnx.shape_inference.infer_shapes(
-                helper.make_model(self.graph, opset_imports=[helper.make_opsetid("", MAX_OPSET)]))
+                helper.make_model(self.graph, opset_imports=self.opset_imports))
+            graph = inferred.graph
             self._shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
                                      for d in v.type.tensor_type.shape.dim]
-                            for v in (*inferred.graph.value_info, *inferred.graph.input)}
-        shape = self._shapes.get(name)
+                            for v in (*graph.value_info, *graph.input, *graph.output)
+                            if v.type.tensor_type.HasField("shape")}
+            self._shapes.update({t.name: list(t.dims) for t in graph.initializer})
+        return self._shapes.get(name)
+
+    def shape(self, name):
+        """The static shape of tensor `name` (batch may be symbolic), or an OnnxAttrError."""
+        shape = self.inferred_shape(name)
         if not shape or any(d is None for d in shape[1:]):
             raise OnnxAttrError(f"cannot infer a static shape for tensor '{name}'")
         return shape
@@ -192,7 +202,8 @@ def _window_share(inside, kernel, strides, pads):
     return windows.mean(axis=tuple(range(-rank, 0)))
 
 
-FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn, "BatchNormalization": _fix_batchnorm}
+FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn,
+         "BatchNormalization": _fix_batchnorm}
 
 
 def prepare_forward(classifier):
@@ -208,7 +219,7 @@ def prepare_forward(classifier):
                             f"{MAX_OPSET} (re-export with opset <= {MAX_OPSET})")
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     graph = model.graph
-    editor = GraphEditor(graph)
+    editor = GraphEditor(graph, model.opset_import)
     nodes = []
     for node in list(graph.node):
         fix = FIXES.get(node.op_type)
