@@ -10,6 +10,7 @@ import click
 from . import report
 from .errors import OnnxAttrError
 from .explainer import DEFAULT_MODEL, Explainer
+from .image import load_image
 from .figures import RenderOptions, save_integration_path, write_figures
 from .methods import (COMPLETENESS_TOLERANCE, DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS,
                       SMOOTHINGS)
@@ -195,18 +196,19 @@ def explain(images, model, device, methods, target, score, out_dir, save_raw, pa
 def explain_one(explainer, image, methods, target, score, prefix, save_raw, panel, advance,
                 options=None, method_options=None, batch_size=None, save_path=False):
     """Run every method on one image (with its `method_options`) and write its figures
-    (onnxattr.figures); returns the paths written."""
+    (onnxattr.figures); returns the paths written. The file is decoded once for all methods."""
+    photo = load_image(image)
     results = []
     for method in methods:
         settings = (method_options or {}).get(method, {})
-        result = explainer.explain(image, method=method, target=target, score=score,
+        result = explainer.explain(photo, method=method, target=target, score=score,
                                    batch_size=batch_size, **settings)
         results.append(result)
         _echo_completeness(image, result, settings)
         advance(1)
     written = list(write_figures(results, f"{prefix}_", options, save_raw, panel).values())
     if save_path:
-        written.append(save_integration_path(explainer, image, Path(f"{prefix}_path.png"),
+        written.append(save_integration_path(explainer, photo, Path(f"{prefix}_path.png"),
                                              method_options["integrated-gradients"]))
     return written
 
