@@ -27,13 +27,18 @@ CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser):
+    """The model, its Caffe source, threads and repeats: shared with scripts/bench_compiled.py."""
     parser.add_argument("--model", type=Path, default=REPO / "models" / "googlenet.onnx",
                         help="exported GoogLeNet (made from --caffe when missing)")
     parser.add_argument("--caffe", type=Path, default=CAFFE_DIR)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--ig-steps", default="50", help="comma-separated step counts")
     parser.add_argument("--ig-batch-sizes", default="1,10,25,50")
     parser.add_argument("--smoothgrad-samples", type=int, default=25)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
 
 
@@ -115,12 +114,9 @@ def measure(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "googlenet.onnx",
-                        help="exported GoogLeNet (made from --caffe when missing)")
-    parser.add_argument("--caffe", type=Path, default=CAFFE_DIR)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    from bench import common_arguments
+
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--ig-batch", type=int, default=25, help="IG path images per run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
