@@ -45,7 +45,8 @@ def integrated_gradients(session, pixels, targets, steps=50, batch_size=None):
     return result.astype(np.float32)
 
 
-def _median(call, repeats):
+def median_time(call, repeats):
+    """Median seconds of `repeats` calls after one warm-up call (allocations, cuDNN search)."""
     call()
     times = []
     for _ in range(repeats):
@@ -74,7 +75,7 @@ def measure(args):
     start = time.perf_counter()
     compile_model(model, "gradient", "prob", output, cache_dir=work / "cache")
     scratch_s = time.perf_counter() - start
-    cached_s = _median(lambda: compile_model(model, "gradient", "prob", output,
+    cached_s = median_time(lambda: compile_model(model, "gradient", "prob", output,
                                              cache_dir=work / "cache"), args.repeats)
     pixels = load_pixels(PHOTO, (224, 224))[None]
     compiled = make_session(load_model(output).proto, "cpu", args.threads)
@@ -97,13 +98,13 @@ def measure(args):
         "compile_from_scratch_s": scratch_s, "compile_from_cache_s": cached_s,
         "compiled_size_mb": output.stat().st_size / 2**20,
         "source_size_mb": model.stat().st_size / 2**20,
-        "gradient_compiled_s": _median(lambda: compiled.run(["attribution"], one), args.repeats),
-        "gradient_training_s": _median(lambda: trained.run(["image_grad"], {
+        "gradient_compiled_s": median_time(lambda: compiled.run(["attribution"], one), args.repeats),
+        "gradient_training_s": median_time(lambda: trained.run(["image_grad"], {
             "image": pixels, "onehot": onehot}), args.repeats),
-        "ig50_compiled_s": _median(lambda: integrated_gradients(compiled, pixels, target, 50,
+        "ig50_compiled_s": median_time(lambda: integrated_gradients(compiled, pixels, target, 50,
                                                                 args.ig_batch),
                                    max(1, args.repeats // 2)),
-        "ig50_training_s": _median(lambda: integrated_gradients(TrainingSession(), pixels, target,
+        "ig50_training_s": median_time(lambda: integrated_gradients(TrainingSession(), pixels, target,
                                                                 50, args.ig_batch),
                                    max(1, args.repeats // 2)),
     }

@@ -42,6 +42,7 @@ if not source.exists():
     source = caffe.export(Path("../shared/models/bvlc_googlenet"), out / "source" / "googlenet.onnx")
 cache = out / "cache"
 weights = "googlenet.weights"
+(out / weights).unlink(missing_ok=True)  # onnx appends external data to an existing file
 shared = {}
 for method in ("gradient", "guided-backprop"):
     model = compile_model(source, method, "prob", cache_dir=cache)
@@ -96,15 +97,13 @@ fi
 PYTHON="${PYTHON:-python3}"
 exec "$PYTHON" - "$DIR" <<'EOF'
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, "scripts")
-from bench_compiled import integrated_gradients  # noqa: E402
+from bench_compiled import integrated_gradients, median_time  # noqa: E402
 
 try:
     import onnxruntime as ort
@@ -148,16 +147,6 @@ def session(model, device):
 
 def rel_l2(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def median_time(call, repeats):
-    call()  # warm-up (cuDNN algorithm search, allocations)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # relative L2 limits against the results prepared with the training build's CPU onnxruntime:
