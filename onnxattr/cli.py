@@ -3,34 +3,85 @@
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from . import report
-from .errors import OnnxAttrError
+from . import sanity as sanity_check
+from .builders import CHOICES as BUILDER_CHOICES
+from .compile import compile_model
+from .errors import OnnxAttrError, OnnxAttrNote
 from .explainer import DEFAULT_MODEL, Explainer
-from .image import load_image
 from .figures import RenderOptions, save_integration_path, write_figures
-from .methods import (COMPLETENESS_TOLERANCE, DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS,
-                      SMOOTHINGS)
-from .paths import DEFAULT_RULE, DEFAULT_STEPS, RULES
+from .image import load_image
+from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES
+from .methods import (
+    COMPLETENESS_TOLERANCE,
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    METHODS,
+    SMOOTHINGS,
+    compilable_methods,
+    get_method,
+)
+from .model import parse_numbers
+from .prepare import SCORES
+from .runtime import PROVIDERS
 
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
                "../shared/models/bvlc_googlenet")
 
+# The model flags every command takes: which file, where it runs, how its gradient graph is
+# built, and the pixel contract it expects.
+MODEL_FLAGS = [
+    click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                 help="ONNX image classifier (or a compiled attribution model)."),
+    click.option("--device", type=click.Choice(list(PROVIDERS)), default="cpu",
+                 show_default=True),
+    click.option("--tf32", is_flag=True, help="CUDA: convolutions in TF32 (faster, about 1e-2 "
+                 "relative error; default is float32-exact)."),
+    click.option("--builder", type=click.Choice(BUILDER_CHOICES), default="auto",
+                 show_default=True, help="Gradient builder: onnxruntime-training's where it "
+                 "can (auto), that one only, or onnxattr's native reverse pass."),
+    click.option("--pixel-range", metavar="0..1|0..255",
+                 help="The value range the model's input expects (default: its onnxattr.input "
+                      "metadata, else 0..255)."),
+    click.option("--mean", metavar="M[,M,M]", help="Per-channel mean the model expects "
+                 "subtracted, in its pixel range (e.g. 0.485,0.456,0.406)."),
+    click.option("--std", metavar="S[,S,S]", help="Per-channel std the model expects divided "
+                 "by, in its pixel range (e.g. 0.229,0.224,0.225)."),
+]
 
-def open_explainer(model, device, threads=None):
+
+def model_flags(command):
+    """Add the model flags to a command, which gets them as one `explainer` (an Explainer
+    made before any image is read, so a bad model or flag fails once)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        kwargs["explainer"] = open_explainer(
+            kwargs.pop("model"), kwargs.pop("device"), builder=kwargs.pop("builder"),
+            precision="tf32" if kwargs.pop("tf32") else "float32",
+            pixel_range=kwargs.pop("pixel_range"),
+            mean=parse_numbers(kwargs.pop("mean"), "--mean"),
+            std=parse_numbers(kwargs.pop("std"), "--std"))
+        return command(*args, **kwargs)
+    for flag in reversed(MODEL_FLAGS):
+        wrapper = flag(wrapper)
+    return wrapper
+
+
+def open_explainer(model, device, **options):
     """An Explainer, with a hint on how to make the default model when it is missing."""
     if model == DEFAULT_MODEL and not Path(model).exists():
         raise OnnxAttrError(f"default model {model} not found; {EXPORT_HINT}")
-    return Explainer(model, device=device, threads=threads)
+    return Explainer(model, device=device, **options)
 
 
-model_option = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-                            help="ONNX image classifier.")
-device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-                             show_default=True)
+score_option = click.option("--score", type=click.Choice(list(SCORES)), default="prob",
+                            show_default=True, help="Differentiate the softmax probability "
+                            "(as the example) or the logit.")
 images_argument = click.argument("images", nargs=-1, required=True,
                                  type=click.Path(path_type=Path))
 
@@ -86,7 +137,7 @@ def _number(name, text):
 METHOD_FLAGS = {
     "steps": dict(type=int, help="integrated-gradients: integration steps, at least 2 "
                                  f"[default: {DEFAULT_STEPS}]."),
-    "rule": dict(type=click.Choice(list(RULES)),
+    "rule": dict(type=click.Choice(list(INTEGRATION_RULES)),
                  help=f"integrated-gradients: integration rule [default: {DEFAULT_RULE}]."),
     "baseline": dict(help="integrated-gradients: black (default), white, blur, uniform (noise "
                           "from --seed), a number, or an image file of the model's input size."),
@@ -128,13 +179,11 @@ def cli():
 
 @cli.command()
 @images_argument
-@model_option
-@device_option
+@model_flags
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
               help="How many classes to list.")
-def classify(images, model, device, top):
+def classify(images, explainer, top):
     """Print the top classes for each image."""
-    explainer = open_explainer(model, device)
     failed = 0
     for image in images:
         try:
@@ -148,15 +197,19 @@ def classify(images, model, device, top):
     sys.exit(1 if failed else 0)
 
 
+def _method_list(names):
+    """The --method values (repeatable, or comma-separated; "all") as method names."""
+    return report.parse_methods(",".join(names))
+
+
 @cli.command()
 @images_argument
-@model_option
-@device_option
+@model_flags
 @click.option("--method", "methods", multiple=True, default=["gradient"], show_default=True,
-              type=click.Choice([*METHODS, "all"]), help="Attribution method (repeatable).")
+              metavar="NAME", help=f"Attribution method, repeatable: {', '.join(METHODS)}, or "
+                                   "all.")
 @click.option("--target", help="Class index or label to explain (default: the top-1 class).")
-@click.option("--score", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
-              help="Differentiate the softmax probability (as the example) or the logit.")
+@score_option
 @click.option("--out", "out_dir", default="out", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--save-raw", is_flag=True, help="Also save each attribution as .npy.")
@@ -168,16 +221,16 @@ def classify(images, model, device, top):
               "the integration path (<stem>_path.png).")
 @render_flags
 @method_flags
-def explain(images, model, device, methods, target, score, out_dir, save_raw, panel, options,
+def explain(images, explainer, methods, target, score, out_dir, save_raw, panel, options,
             batch_size, save_path, method_options):
     """Write the example's figures for each image: the photo and one map per method."""
-    explainer = open_explainer(model, device)
+    methods = _method_list(methods)
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
-    methods = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
     method_options = options_per_method(methods, method_options)
     if save_path and "integrated-gradients" not in methods:
         raise OnnxAttrError("--save-path needs --method integrated-gradients")
+    check_output_folder(out_dir)
     failed = 0
     with click.progressbar(length=len(images) * len(methods), label="explaining",
                            file=sys.stderr) as bar:
@@ -191,6 +244,17 @@ def explain(images, model, device, methods, target, score, out_dir, save_raw, pa
                 continue
             click.echo(f"{image}: " + ", ".join(str(p) for p in written))
     sys.exit(1 if failed else 0)
+
+
+def check_output_folder(out_dir):
+    """Refuse an --out that is a file or lies under one, before any work."""
+    for folder in (Path(out_dir), *Path(out_dir).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OnnxAttrError(f"--out {out_dir}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK):
+                raise OnnxAttrError(f"--out {out_dir}: {folder} is not writable")
+            return
 
 
 def explain_one(explainer, image, methods, target, score, prefix, save_raw, panel, advance,
@@ -218,10 +282,10 @@ def _echo_completeness(image, result, settings):
     if "relative_convergence_delta" not in result.extras:
         return
     relative = result.relative_convergence_delta
+    share = "" if relative is None else f", {relative:.2%} of S(I) - S(I0)"
     click.echo(f"{image}: {result.method} convergence delta {result.convergence_delta:+.3g} = "
-               f"sum(attribution) - (S(I) - S(I0)), {relative:.2%} of S(I) - S(I0) = "
-               f"{result.score_difference:.4g}")
-    if relative > COMPLETENESS_TOLERANCE:
+               f"sum(attribution) - (S(I) - S(I0)){share} = {result.score_difference:.4g}")
+    if relative is not None and relative > COMPLETENESS_TOLERANCE:
         click.echo(f"warning: {image}: the attribution misses S(I) - S(I0) by {relative:.1%} "
                    f"(over {COMPLETENESS_TOLERANCE:.0%}); use more --steps than "
                    f"{settings.get('steps', DEFAULT_STEPS)}", err=True)
@@ -229,28 +293,26 @@ def _echo_completeness(image, result, settings):
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@model_option
-@device_option
+@model_flags
 @click.option("--methods", default="gradient", show_default=True,
               help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'.")
 @click.option("--target", help="Class index or label to explain (default: each top-1 class).")
-@click.option("--score", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
-              help="Differentiate the softmax probability (as the example) or the logit.")
+@score_option
 @click.option("--out", "out_dir", default="audit", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--resume", is_flag=True,
               help="Skip images an earlier run into --out already did with the same settings.")
 @render_flags
 @method_flags
-def audit(paths, model, device, methods, target, score, out_dir, resume, options,
+def audit(paths, explainer, methods, target, score, out_dir, resume, options,
           method_options):
     """Every method on every image (files and folders, recursively): figures, raw .npy,
     summary.json/.csv and index.html in --out. Exit code 1 if some image failed."""
     methods = report.parse_methods(methods)
     method_options = options_per_method(methods, method_options)
-    explainer = open_explainer(model, device)
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
+    check_output_folder(out_dir)
     files = report.collect_inputs(paths, exclude=out_dir)
     with click.progressbar(length=max(1, len(files) * len(methods)), label="auditing",
                            file=sys.stderr) as bar:
@@ -268,11 +330,10 @@ def audit(paths, model, device, methods, target, score, out_dir, resume, options
 
 @cli.command()
 @click.argument("image", type=click.Path(path_type=Path))
-@model_option
-@device_option
+@model_flags
 @click.option("--methods", default="gradient,guided-backprop", show_default=True,
               help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'.")
-@click.option("--mode", type=click.Choice(["cascading", "independent", "both"]), default="both",
+@click.option("--mode", type=click.Choice([*sanity_check.MODES, "both"]), default="both",
               show_default=True, help="Cascading (top layer down, cumulative) and/or "
               "independent (one layer at a time) randomization.")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
@@ -286,27 +347,25 @@ def audit(paths, model, device, methods, target, score, out_dir, resume, options
               show_default=True, help="Random weights: truncated normal with the layer's own "
               "weight std, or He's sqrt(2 / fan_in).")
 @click.option("--target", help="Class index or label (default: the original top-1 class).")
-@click.option("--score", type=click.Choice(["prob", "logit"]), default="logit",
+@click.option("--score", type=click.Choice(list(SCORES)), default="logit",
               show_default=True, help="Differentiate the logit or the softmax probability.")
 @click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(1),
               help="Integration steps of integrated-gradients (when it is among the methods).")
 @click.option("--out", "out_dir", default="sanity", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-def sanity(image, model, device, methods, mode, seeds, seed, grouping, distribution, target,
+def sanity(image, explainer, methods, mode, seeds, seed, grouping, distribution, target,
            score, ig_steps, out_dir):
     """Model-parameter randomization test (Adebayo et al. 2018): how similar each method's map
     stays as the model's layers are randomized. Writes the maps figure per mode, the
     similarity curve and a JSON of all numbers to --out."""
-    from . import sanity as sanity_check
-
     methods = report.parse_methods(methods)
-    explainer = open_explainer(model, device)
     explainer.pixels([image])  # a bad image or class fails before any work
     if target is not None:
         explainer.target_index(target)
+    check_output_folder(out_dir)
     options = ({"integrated-gradients": {"steps": ig_steps}}
                if "integrated-gradients" in methods else {})
-    modes = ["cascading", "independent"] if mode == "both" else [mode]
+    modes = list(sanity_check.MODES) if mode == "both" else [mode]
     steps = len(sanity_check.parameter_layers(explainer.classifier.proto,
                                               explainer.classifier.logits_output, grouping))
     with click.progressbar(length=len(methods) * (1 + seeds * steps * len(modes)),
@@ -314,7 +373,6 @@ def sanity(image, model, device, methods, mode, seeds, seed, grouping, distribut
         result = sanity_check.run_sanity(explainer, image, methods, mode, seeds, seed, target,
                                          score, grouping, distribution, options,
                                          progress=bar.update)
-    result.model = str(model)
     written = sanity_check.write_outputs(result, out_dir, Path(image).stem or "image")
     click.echo(sanity_check.format_table(result))
     click.echo(", ".join(str(p) for p in written))
@@ -323,18 +381,25 @@ def sanity(image, model, device, methods, mode, seeds, seed, grouping, distribut
 
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--method", type=click.Choice(["gradient", "guided-backprop", "zeiler-fergus"]),
-              default="gradient", show_default=True, help="Backward rule to compile in.")
-@click.option("--score", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
-              help="Differentiate the softmax probability or the logit.")
+@click.option("--method", default="gradient", show_default=True, metavar="NAME",
+              help=f"Backward rule to compile in: {', '.join(compilable_methods())}.")
+@score_option
+@click.option("--builder", type=click.Choice(BUILDER_CHOICES), default="auto",
+              show_default=True, help="Gradient builder (see explain --help).")
+@click.option("--pixel-range", metavar="0..1|0..255", help="As for explain.")
+@click.option("--mean", metavar="M[,M,M]", help="As for explain.")
+@click.option("--std", metavar="S[,S,S]", help="As for explain.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The attribution model to write.")
-def compile_command(model, method, score, output):
+def compile_command(model, method, score, builder, pixel_range, mean, std, output):
     """Write a portable attribution model (standard ONNX ops: stock onnxruntime, onnxruntime-gpu,
     onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
-    from .lower import compile_model
-
-    compile_model(model, method, score, output)
+    get_method(method)
+    check_output_folder(output.parent)
+    classifier = open_explainer(model, "cpu", builder=builder, pixel_range=pixel_range,
+                                mean=parse_numbers(mean, "--mean"),
+                                std=parse_numbers(std, "--std")).classifier
+    compile_model(classifier, method, score, output, builder=builder)
     click.echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
 
 
@@ -353,8 +418,16 @@ def _report(err):
     return 1
 
 
+def _show_note(message, category, filename, lineno, file=None, line=None):
+    """Notes (OnnxAttrNote) as one "note:" line on stderr; other warnings likewise, once."""
+    text = " ".join(str(message).split())
+    click.echo(f"{'note' if issubclass(category, OnnxAttrNote) else 'warning'}: {text}", err=True)
+
+
 def main():
     """Entry point: user errors are one line on stderr and exit code 1, never a traceback."""
+    warnings.showwarning = _show_note
+    warnings.simplefilter("once")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

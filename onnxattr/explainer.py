@@ -1,18 +1,22 @@
 """The public API: `Explainer` classifies images and explains the decision with a method."""
 
 import difflib
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import make_engine
-from .errors import OnnxAttrError
-from .gradient import GraphCache
+from .builders import GraphCache, check_builder
+from .compile import CompiledEngine
+from .engine import AttributionEngine
+from .errors import OnnxAttrError, OnnxAttrNote
+from .figures import RenderOptions
 from .image import load_image, to_pixels
 from .methods import get_method
 from .model import load_model
 from .render import attribution_map
-from .runtime import require_provider
+from .runtime import provider_options
 
 DEFAULT_MODEL = "models/googlenet.onnx"
 
@@ -40,8 +44,6 @@ class Explanation:
         """uint8 (H, W, 3) picture of the attribution (see `onnxattr.figures.RenderOptions`):
         sign absolute|positive|negative|all, reduction sum|max-abs, clip none|percentile|
         outlier-mass (`clip_value`: its parameter), style map|overlay|masked, any colormap."""
-        from .figures import RenderOptions
-
         return RenderOptions(reduction, sign, clip, clip_value, cmap, style, alpha).render(self)
 
     def __getattr__(self, name):
@@ -54,19 +56,40 @@ class Explanation:
 class Explainer:
     """Attribution maps for one ONNX image classifier.
 
-    `model`: path to an ONNX classifier with one image input [N, C, H, W] (RGB, the model's own
-    pixel contract; the exported GoogLeNet takes 0..255) and a softmax or logits output.
-    `device`: "cpu" or "cuda". `fit`: how images of another size reach the input size,
-    "stretch" (the example's imresize) or "center-crop".
+    `model`: path to an ONNX classifier with one image input [N, C, H, W] and a softmax or
+    logits output, or a compiled attribution model (onnxattr compile). Images are RGB pixels
+    0..255; what the model expects (`pixel_range` "0..1" or "0..255", per-channel `mean` and
+    `std` in that range) comes from its onnxattr.input metadata or these arguments, and is built
+    into the graph in front of the model; a model that states nothing is assumed to take RGB
+    0..255 (with a note). `device`: "cpu" or "cuda"; `precision`: "float32" (exact, default) or
+    "tf32" (CUDA convolutions in TF32). `builder`: "auto", "onnxruntime" or "native"
+    (onnxattr.builders). `fit`: how images of another size reach the input size, "stretch" (the
+    example's imresize) or "center-crop".
     """
 
     def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
-                 fit="stretch"):
-        require_provider(device)  # a missing CUDA provider fails here, before any image
-        self.classifier = load_model(model)
-        # a compiled attribution model (onnxattr compile) runs on stock onnxruntime
-        self.engine = make_engine(self.classifier, device, GraphCache(cache_dir), threads)
+                 fit="stretch", builder="auto", precision="float32", pixel_range=None,
+                 mean=None, std=None):
+        provider_options(device, precision)  # a missing CUDA provider fails here, before images
+        check_builder(builder)
+        self.model_path = str(model)
+        self.classifier = load_model(model).with_contract(pixel_range, mean, std)
+        if self.classifier.compiled:
+            self.engine = CompiledEngine(self.classifier, device, threads, precision)
+        else:
+            self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir),
+                                            threads, builder, precision)
         self.fit = fit
+        self._contract_said = self.classifier.contract.stated or bool(self.classifier.compiled)
+
+    def _say_contract(self):
+        """Once, with the first result: the pixel contract assumed for a model that states none."""
+        if not self._contract_said:
+            self._contract_said = True
+            warnings.warn(f"{self.model_path} states no pixel contract (onnxattr.input "
+                          "metadata); assumed it takes RGB 0..255 (give --pixel-range 0..1, "
+                          "--mean, --std if it expects normalised input)", OnnxAttrNote,
+                          stacklevel=3)
 
     @property
     def labels(self):
@@ -88,13 +111,17 @@ class Explainer:
         prob, _ = self.engine.forward(self.pixels(images))
         ranked = [[(int(i), self.labels[i], float(p[i])) for i in np.argsort(-p)[:top]]
                   for p in prob]
+        self._say_contract()
         return ranked[0] if single else ranked
 
     def target_index(self, target):
         """Class index for an index, a numeric string, or a label (case-insensitive)."""
         count = len(self.labels)
-        if isinstance(target, str) and target.strip().isdigit():
+        if isinstance(target, str) and re.fullmatch(r"\s*[+-]?\d+\s*", target):
             target = int(target)
+        elif isinstance(target, str) and _is_number(target) or isinstance(target, float):
+            raise OnnxAttrError(f"target {target} is not a whole number: give a class index "
+                                f"0..{count - 1} or a label")
         if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
             if not 0 <= target < count:
                 raise OnnxAttrError(f"class index {target} is out of range 0..{count - 1}")
@@ -133,15 +160,30 @@ class Explainer:
         pixels = self.pixels(images)
         prob, _ = self.engine.forward(pixels, batch_size)
         indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
-        attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
-                                             **options)
+        with np.errstate(all="ignore"):
+            attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
+                                                 **options)
+        if not np.isfinite(attribution).all():
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items() if v is not None)
+            raise OnnxAttrError(f"{method} gave NaN or infinite attributions"
+                                f"{f' with {given}' if given else ''}: the model overflows at "
+                                "these inputs")
         results = [
             Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
                         self.labels[i],
                         float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
                         .clip(0, 255).astype(np.uint8), extra)
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
+        self._say_contract()
         return results[0] if single else results
+
+
+def _is_number(text):
+    """Whether `text` reads as a finite number such as "285.0" or "1e3" (not a label)."""
+    try:
+        return bool(np.isfinite(float(text)))
+    except ValueError:
+        return False
 
 
 def _as_list(image):

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from . import render
-from .methods import METHODS
-from .paths import path_images, value_range
 from .errors import OnnxAttrError
 from .files import atomic_path
+from .integration import path_images
+from .methods import METHODS
 
 # Colormap when none is given, by style and by "is the map signed". The plain map is the
 # example's white-to-black (blue-white-red when signed); an overlay needs a map whose zero
@@ -130,8 +130,7 @@ def save_integration_path(explainer, image, path, ig_options):
     """The example's "Images Along Integration Path" figure for integrated gradients with
     `ig_options` (the same baseline, rule and steps); returns the path."""
     own = {k: v for k, v in ig_options.items() if k in METHODS["integrated-gradients"].own_options}
-    alphas, images = path_images(explainer.pixels([image])[0],
-                                 value_range=value_range(explainer.classifier), **own)
+    alphas, images = path_images(explainer.pixels([image])[0], **own)
     render.save_tile_figure(path, [im.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8)
                                    for im in images], "Images Along Integration Path",
                             labels=[f"α = {a:.2f}" for a in alphas])

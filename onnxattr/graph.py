@@ -10,11 +10,15 @@ import heapq
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from .errors import OnnxAttrError
 
 MAX_IR_VERSION = 10  # the newest IR version every runtime we target loads (ORT-training 1.19.2)
+# The oldest default-domain opset of the graphs onnxattr writes: ScatterElements with reduction
+# "add" needs 16, ReduceSum's axes input 13; every stock runtime runs 17.
+MIN_OPSET = 17
 STANDARD_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16)
@@ -23,6 +27,18 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 def default_opset(proto):
     """The default-domain (ai.onnx) opset a ModelProto imports (0 if none)."""
     return next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+
+
+def at_least_opset(model, opset=MIN_OPSET):
+    """`model`, converted to default-domain `opset` when it uses an older one (a new copy)."""
+    if (default_opset(model) or opset) >= opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as err:
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise OnnxAttrError(f"cannot convert the model from opset {default_opset(model)} to "
+                            f"{opset}: {message}") from None
 
 
 def copy_model(model):

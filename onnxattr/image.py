@@ -98,9 +98,24 @@ def _read_file(path):
                 image = Image.open(fp, formats=_allowed_formats())
         except Image.UnidentifiedImageError:
             raise _error(path, "not an image file (format not recognized)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            _check_pixels(_header_size(fp), path)  # over our own limit: say so in our words
+            raise _decode_error(path, err) from None
         except Exception as err:
             raise _decode_error(path, err) from None
         return _decode(image, path)
+
+
+def _header_size(fp):
+    """(width, height) from an image file's header, without Pillow's size check."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        fp.seek(0)
+        with Image.open(fp, formats=_allowed_formats()) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _allowed_formats():

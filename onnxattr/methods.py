@@ -1,10 +1,13 @@
 """Attribution methods: numpy around the engine's d score / d image.
 
-Each method is one entry of `METHODS`: a title for figures and a function
+`METHODS` is the single source of a method's identity: its figure title, its function
 `(engine, pixels, targets, score, batch_size, *, <its options>) -> (attribution, extras)` where
 `attribution` is float32 [N, C, H, W] and `extras` is a list of per-image dicts of numbers
-(e.g. a completeness delta). A new method is one function and one entry; its keyword-only
-parameters are its options.
+(e.g. a completeness delta), and, for a method that is one gradient with a ReLU backward rule,
+that rule (such methods can be compiled, onnxattr.compile). The gradient-like methods come from
+the ReLU rule table itself (relu_rules.RELU_RULES, read live: a new rule is a new method with
+nothing else to touch); the others are one function and one entry of `OTHER_METHODS`; their
+keyword-only parameters are their options. The CLI's and compile's choices derive from here.
 
 `Method.compute` runs a method as it is, or averaged over noisy copies of the images
 (`smooth=`, see `SMOOTHINGS`) for every method alike:
@@ -20,19 +23,20 @@ when batch_size is None), so memory depends on batch_size, not on `samples` or `
 """
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .engine import VANILLA
 from .errors import OnnxAttrError
-from .paths import (DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks,
-                    value_range)
+from .integration import DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks
+from .model import PIXEL_RANGE
+from .relu_rules import RELU_RULES, VANILLA
 
 CHUNK = 16  # images per gradient run for path images and noisy copies when batch_size is None
 # (GoogLeNet on 2 cores: the same speed per image as 32 or 50, 0.6x the memory of 32)
 COMPLETENESS_TOLERANCE = 0.05  # relative convergence delta above which more steps are advised
+RELATIVE_FLOOR = 1e-6  # |S(I) - S(I0)| below this share of the scores has no relative delta
 DEFAULT_SAMPLES = 25
 DEFAULT_NOISE = 0.15
 SMOOTH_OPTIONS = ("smooth", "samples", "noise", "seed")
@@ -55,6 +59,7 @@ SMOOTHINGS = {
 class Method:
     title: str  # figure title, "<title> (<class>)"
     attribute: Callable  # the method itself, see the module docstring
+    relu_rule: str = None  # the ReLU backward rule, when the method is one such gradient
 
     @property
     def own_options(self):
@@ -105,7 +110,7 @@ class Method:
         if "seed" in self.own_options:
             options["seed"] = seed
         spread = pixels.max(axis=(1, 2, 3)) - pixels.min(axis=(1, 2, 3))
-        low, high = value_range(engine.classifier)
+        low, high = PIXEL_RANGE
         sigma = noise * np.where(spread > 0, spread, high - low)
         moments = _Moments(pixels.shape)
         for image, copies in noisy_copies(pixels, sigma, samples, batch_size or CHUNK, seed):
@@ -180,19 +185,20 @@ def input_x_gradient(engine, pixels, targets, score, batch_size):
 
 def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DEFAULT_STEPS,
                          baseline="black", rule=DEFAULT_RULE, seed=None):
-    """(I - I0) * sum_k w_k dS/dI(I0 + a_k (I - I0)), the rule's (a_k, w_k) (see paths.py).
+    """(I - I0) * sum_k w_k dS/dI(I0 + a_k (I - I0)), the rule's (a_k, w_k) (integration.py).
 
     Path images of all images are made and run `batch_size` at a time. Extras per image:
     `convergence_delta` = sum(attribution) - (S(I) - S(I0)) (signed, in score units),
-    `relative_convergence_delta` = |delta| / |S(I) - S(I0)| and `score_difference` S(I) - S(I0),
+    `relative_convergence_delta` = |delta| / |S(I) - S(I0)| (None where S(I) = S(I0) to float32
+    precision) and `score_difference` S(I) - S(I0),
     with S the same score (prob or logit) at the end points, from forward passes.
     """
     alphas, weights = integration_rule(rule, steps)
-    baselines = make_baselines(baseline, pixels, value_range(engine.classifier),
-                               _checked_seed(seed))
+    baselines = make_baselines(baseline, pixels, PIXEL_RANGE, _checked_seed(seed))
     mean_gradient = np.zeros(pixels.shape)
     for image, step, path in path_chunks(pixels, baselines, alphas, batch_size or CHUNK):
-        gradient, _, _ = engine.gradient(path, targets[image], VANILLA, score)
+        gradient, _, _ = engine.gradient(path, targets[image], VANILLA, score,
+                                         batch_size or CHUNK)
         for n in np.unique(image):
             rows = image == n
             mean_gradient[n] += np.tensordot(weights[step[rows]], gradient[rows], axes=1)
@@ -202,24 +208,51 @@ def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DE
                                                    np.tile(targets, 2)].astype(np.float64)
     difference = scores[:len(pixels)] - scores[len(pixels):]
     delta = attribution.sum(axis=(1, 2, 3)) - difference
+    ends = zip(scores[:len(pixels)], scores[len(pixels):])
     return attribution.astype(np.float32), [
-        {"convergence_delta": float(d), "relative_convergence_delta": _relative(d, s),
-         "score_difference": float(s)} for d, s in zip(delta, difference)]
+        {"convergence_delta": float(d), "relative_convergence_delta": _relative(d, s, e),
+         "score_difference": float(s)} for d, s, e in zip(delta, difference, ends)]
 
 
-def _relative(delta, difference):
-    if difference != 0:
-        return float(abs(delta) / abs(difference))
-    return 0.0 if delta == 0 else float("inf")
+def _relative(delta, difference, ends):
+    """|delta| / |S(I) - S(I0)|; None when S(I) and S(I0) agree to float32 precision (the
+    ratio then says nothing: an attribution summing to about 0 is right)."""
+    if abs(difference) <= RELATIVE_FLOOR * max(1.0, *np.abs(ends)):
+        return None
+    return float(abs(delta) / abs(difference))
 
 
-METHODS = {
-    "gradient": Method("Gradient Attribution Map", _backprop(VANILLA)),
-    "guided-backprop": Method("Guided Backpropagation", _backprop("guided")),
-    "zeiler-fergus": Method("Zeiler-Fergus", _backprop("zeiler-fergus")),
+OTHER_METHODS = {
     "integrated-gradients": Method("Integrated Gradients", integrated_gradients),
     "input-x-gradient": Method("Input X Gradient", input_x_gradient),
 }
+
+
+class _MethodTable(Mapping):
+    """Every method by name: one gradient method per ReLU backward rule (read live from
+    relu_rules.RELU_RULES), then `OTHER_METHODS`."""
+
+    def _table(self):
+        rules = {rule.method: Method(rule.title, _backprop(name), name)
+                 for name, rule in RELU_RULES.items()}
+        return {**rules, **OTHER_METHODS}
+
+    def __getitem__(self, name):
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+
+METHODS = _MethodTable()
+
+
+def compilable_methods():
+    """The methods a compiled attribution model can hold: one gradient with a ReLU rule."""
+    return [name for name, method in METHODS.items() if method.relu_rule is not None]
 
 
 def get_method(name):

@@ -1,27 +1,123 @@
-"""Loading an ONNX image classifier and reading what it is: image input, class outputs, labels."""
+"""Loading an ONNX image classifier and reading what it is: image input, class outputs,
+labels, pixel contract and batch size.
+
+Models are read with their external data files (resolved against the model's own folder,
+whatever the working directory), so a model saved with weights beside it loads everywhere.
+"""
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import OnnxAttrError
+from .graph import default_opset
 
 LABELS_KEY = "onnxattr.labels"
 CONTRACT_KEY = "onnxattr.input"
 METHOD_KEY = "onnxattr.method"
 SCORE_KEY = "onnxattr.score"
+PIXEL_RANGE = (0.0, 255.0)  # what every onnxattr graph takes: RGB pixel values 0..255
+
+
+@dataclass(frozen=True)
+class PixelContract:
+    """What the model's image input expects, for RGB pixels p in 0..255: the value range it
+    was trained on (`range`, 0..1 or 0..255) and a per-channel normalisation applied before the
+    model, input = (p / 255 * (high - low) + low - mean) / std. `stated` says whether the model
+    (its onnxattr.input metadata) or the user said so, or it is the default assumption."""
+
+    range: tuple = PIXEL_RANGE
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    stated: bool = False
+
+    @property
+    def is_identity(self):
+        return (tuple(self.range) == PIXEL_RANGE and not any(self.mean)
+                and all(s == 1 for s in self.std))
+
+    def scale_shift(self, channels):
+        """Per-channel (a, b) with model input = a * p + b, float64 [channels]."""
+        low, high = self.range
+        std = np.broadcast_to(np.asarray(self.std, np.float64), channels)
+        mean = np.broadcast_to(np.asarray(self.mean, np.float64), channels)
+        return (high - low) / 255.0 / std, (low - mean) / std
+
+    def as_metadata(self):
+        return {"range": list(self.range), "mean": list(self.mean), "std": list(self.std)}
+
+    def describe(self):
+        low, high = self.range
+        text = f"RGB {low:g}..{high:g}"
+        if not self.is_identity and (any(self.mean) or any(s != 1 for s in self.std)):
+            text += (f", minus mean {', '.join(f'{m:g}' for m in self.mean)}, over std "
+                     f"{', '.join(f'{s:g}' for s in self.std)}")
+        return text
+
+
+def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None):
+    """The contract from the model's onnxattr.input metadata (a dict), overridden by what the
+    user gives: `pixel_range` "0..1" / "0..255" or a (low, high) pair, `mean` and `std` (one
+    number or one per channel, in the model's range). Without either, RGB 0..255."""
+    stated = dict(metadata_contract or {})
+    given = any(v is not None for v in (pixel_range, mean, std))
+    values = {
+        "range": _range(pixel_range) if pixel_range is not None else stated.get("range",
+                                                                                PIXEL_RANGE),
+        "mean": mean if mean is not None else stated.get("mean", 0.0),
+        "std": std if std is not None else stated.get("std", 1.0),
+    }
+    try:
+        low, high = (float(v) for v in values["range"])
+        mean = tuple(float(v) for v in np.broadcast_to(np.asarray(values["mean"], float), 3))
+        std = tuple(float(v) for v in np.broadcast_to(np.asarray(values["std"], float), 3))
+    except (TypeError, ValueError):
+        raise OnnxAttrError(f"bad pixel contract {values}: range is two numbers, mean and std "
+                            "one number or three") from None
+    if not (np.isfinite([low, high, *mean, *std]).all() and high > low):
+        raise OnnxAttrError(f"bad pixel range {low:g}..{high:g}: two finite numbers, low < high")
+    if min(std) <= 0:
+        raise OnnxAttrError(f"std must be positive, got {', '.join(f'{s:g}' for s in std)}")
+    return PixelContract((low, high), mean, std, stated=given or bool(stated))
+
+
+def _range(text):
+    if isinstance(text, str):
+        parts = text.replace(",", "..").split("..")
+        try:
+            return tuple(float(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            raise OnnxAttrError(f"pixel range must look like 0..1 or 0..255, got {text!r}"
+                                ) from None
+    return tuple(text)
+
+
+def parse_numbers(text, what):
+    """"0.485,0.456,0.406" (or one number) -> a tuple of floats; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise OnnxAttrError(f"{what} must be one number or three, comma-separated, got "
+                            f"{text!r}") from None
+    if len(values) not in (1, 3):
+        raise OnnxAttrError(f"{what} must be one number or three, got {len(values)}")
+    return values
+
 
 
 @dataclass
 class ClassifierModel:
     """An ONNX classifier and the facts the engine needs about it."""
 
-    proto: onnx.ModelProto
-    digest: str  # sha256 of the serialized model: the cache key of everything built from it
+    proto: onnx.ModelProto  # with its external data loaded
+    digest: str  # sha256 of the model file (and its external data): the key of all built from it
     input_name: str
     channels: int
     height: int
@@ -30,10 +126,11 @@ class ClassifierModel:
     prob_output: str | None  # graph output holding softmax probabilities, if any
     logits_output: str | None  # tensor holding the logits (graph output or softmax input), if any
     labels: list = field(default_factory=list)
-    contract: dict = field(default_factory=dict)
+    contract: PixelContract = PixelContract()
     metadata: dict = field(default_factory=dict)
     # a compiled attribution model (onnxattr compile): {"method": ..., "score": ...}, else None
     compiled: dict | None = None
+    batch: int | None = None  # the image input's fixed batch size; None when it is free
 
     @property
     def opset(self):
@@ -45,10 +142,18 @@ class ClassifierModel:
         """(height, width) of the model's image input."""
         return (self.height, self.width)
 
-
-def default_opset(proto):
-    """The default-domain (ai.onnx) opset a ModelProto imports (0 if none)."""
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    def with_contract(self, pixel_range=None, mean=None, std=None):
+        """A copy whose pixel contract is overridden by what the user gives (None: keep)."""
+        if pixel_range is None and mean is None and std is None:
+            return self
+        if self.compiled:
+            raise OnnxAttrError("a compiled attribution model takes pixels 0..255 with its "
+                                "contract built in; --pixel-range, --mean and --std apply to "
+                                "source models")
+        stated = json.loads(self.metadata[CONTRACT_KEY]) if CONTRACT_KEY in self.metadata else {}
+        contract = pixel_contract(stated, pixel_range, mean, std)
+        return replace(self, contract=contract,
+                       digest=f"{self.digest}|contract={contract.as_metadata()}")
 
 
 def load_model(path):
@@ -68,7 +173,43 @@ def load_model(path):
         raise OnnxAttrError(f"{path} is not an ONNX model ({type(err).__name__})") from None
     if not proto.graph.node:
         raise OnnxAttrError(f"{path} is not an ONNX model (no graph nodes)")
-    return describe_model(proto, hashlib.sha256(data).hexdigest(), str(path))
+    digest = hashlib.sha256(data)
+    for location in _external_files(proto):
+        file = path.parent / location
+        try:
+            digest.update(file.read_bytes())
+        except OSError as err:
+            raise OnnxAttrError(f"{path}: cannot read its external data file {file} "
+                                f"({err.strerror or err}); keep it beside the model") from None
+    if _external_files(proto):
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as err:  # onnx raises several types for a damaged data file
+            raise OnnxAttrError(f"{path}: its external data cannot be read ({err})") from None
+    return describe_model(proto, digest.hexdigest(), str(path))
+
+
+def _external_files(proto):
+    """The external data file names the model's tensors refer to."""
+    files = []
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if info.get("location") and info["location"] not in files:
+                files.append(info["location"])
+    return files
+
+
+def _tensors(graph):
+    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _tensors(sub)
 
 
 def describe_model(proto, digest, name="model"):
@@ -76,35 +217,49 @@ def describe_model(proto, digest, name="model"):
     metadata = {p.key: p.value for p in proto.metadata_props}
     if METHOD_KEY in metadata:
         return _describe_compiled(proto, digest, name, metadata)
-    input_name, channels, height, width = _image_input(proto.graph, name)
+    input_name, channels, height, width, batch = _image_input(proto.graph, name)
     prob_output, logits_output, num_classes = _class_outputs(proto.graph, name)
     labels = _labels(metadata, num_classes, name)
-    contract = json.loads(metadata[CONTRACT_KEY]) if CONTRACT_KEY in metadata else {}
     return ClassifierModel(proto, digest, input_name, channels, height, width, num_classes,
-                           prob_output, logits_output, labels, contract, metadata)
+                           prob_output, logits_output, labels,
+                           pixel_contract(_stated_contract(metadata, name)), metadata,
+                           batch=batch)
+
+
+def _stated_contract(metadata, name):
+    if CONTRACT_KEY not in metadata:
+        return None
+    try:
+        stated = json.loads(metadata[CONTRACT_KEY])
+    except json.JSONDecodeError:
+        raise OnnxAttrError(f"{name}: metadata {CONTRACT_KEY} is not JSON") from None
+    if not isinstance(stated, dict):
+        raise OnnxAttrError(f"{name}: metadata {CONTRACT_KEY} is not a JSON object")
+    return stated
 
 
 def _describe_compiled(proto, digest, name, metadata):
     """A compiled attribution model: inputs image [N, C, H, W] and target [N], outputs prob or
-    logits [N, K] and attribution [N, C, H, W] (onnxattr.lower.compile_model)."""
+    logits [N, K] and attribution [N, C, H, W] (onnxattr.compile.compile_model)."""
     inputs = {i.name: i for i in proto.graph.input}
     outputs = {o.name: o for o in proto.graph.output}
     if set(inputs) != {"image", "target"} or "attribution" not in outputs or not (
             {"prob", "logits"} & set(outputs)):
         raise OnnxAttrError(f"{name} has {METHOD_KEY} metadata but not the inputs image, target "
                             "and outputs prob or logits, attribution of a compiled model")
-    _, channels, height, width = _dims(inputs["image"])
+    batch, channels, height, width = _dims(inputs["image"])
     class_output = "prob" if "prob" in outputs else "logits"
     num_classes = _dims(outputs[class_output])[1]
     if not all(isinstance(d, int) and d > 0 for d in (channels, height, width, num_classes)):
         raise OnnxAttrError(f"{name}: compiled model without fixed C, H, W and class count")
     score = metadata.get(SCORE_KEY, "prob")
-    contract = json.loads(metadata[CONTRACT_KEY]) if CONTRACT_KEY in metadata else {}
     return ClassifierModel(proto, digest, "image", channels, height, width, num_classes,
                            "prob" if class_output == "prob" else None,
                            "logits" if class_output == "logits" else None,
-                           _labels(metadata, num_classes, name), contract, metadata,
-                           {"method": metadata[METHOD_KEY], "score": score})
+                           _labels(metadata, num_classes, name),
+                           pixel_contract(_stated_contract(metadata, name)), metadata,
+                           {"method": metadata[METHOD_KEY], "score": score},
+                           batch if isinstance(batch, int) and batch > 0 else None)
 
 
 def _dims(value_info):
@@ -113,23 +268,40 @@ def _dims(value_info):
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
+def _type_name(value_info):
+    return onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()
+
+
 def _image_input(graph, name):
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
-    images = [i for i in inputs if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-              and len(_dims(i)) == 4]
-    if len(images) != 1 or len(inputs) != 1:
-        found = ", ".join(f"{i.name} {_dims(i)}" for i in inputs) or "none"
-        raise OnnxAttrError(f"{name} is not an image classifier: it needs exactly one float "
-                            f"input [N, C, H, W] (found inputs: {found})")
-    _, channels, height, width = _dims(images[0])
+    if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or \
+            inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        found = ", ".join(f"{i.name} {_type_name(i)} {_dims(i)}" for i in inputs) or "none"
+        raise OnnxAttrError(f"{name} is not an image classifier onnxattr can read: it needs "
+                            f"exactly one float32 input [N, C, H, W] (found inputs: {found})"
+                            + _float16_hint(inputs))
+    image = inputs[0]
+    batch, channels, height, width = _dims(image)
     if not all(isinstance(d, int) and d > 0 for d in (channels, height, width)):
-        raise OnnxAttrError(f"{name}: image input {images[0].name} needs fixed C, H, W "
-                            f"(found {_dims(images[0])})")
+        raise OnnxAttrError(f"{name}: image input {image.name} needs fixed C, H, W "
+                            f"(found {_dims(image)})")
     if channels != 3:
-        raise OnnxAttrError(f"{name}: image input {images[0].name} has {channels} channels; "
-                            "only RGB models (3 channels) are supported")
-    return images[0].name, channels, height, width
+        looks_nhwc = width in (1, 3, 4) and channels == height
+        hint = (f"; it looks channels-last [N, H, W, C] = {_dims(image)}: onnxattr needs "
+                "channels-first [N, C, H, W] (re-export the model with NCHW input)"
+                if looks_nhwc else "; only RGB models (3 channels) are supported")
+        raise OnnxAttrError(f"{name}: image input {image.name} has {channels} channels{hint}")
+    return image.name, channels, height, width, batch if isinstance(batch, int) and batch > 0 \
+        else None
+
+
+def _float16_hint(inputs):
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    if any(i.type.tensor_type.elem_type in half for i in inputs):
+        return ("; float16, bfloat16 and float64 models are not supported: convert the model to "
+                "float32 (e.g. onnxconverter_common.float16 / re-export in float32)")
+    return ""
 
 
 def _class_outputs(graph, name):

@@ -1,97 +1,63 @@
-"""Forward-graph fixes so onnxruntime-training can differentiate the model, and the score head.
+"""The forward graph every builder differentiates: the pixel contract in front, the class
+outputs `prob` and `logits` behind, and the score head; plus the forward fixes
+onnxruntime-training needs.
 
-The gradient builder has no gradient for BatchNormalization in inference mode, LRN or Dropout.
-Each fix below replaces one such op by ops with the same forward output that it can
-differentiate; `FIXES` maps the op type to its rule, so another op is one more entry.
+`prepare_forward` makes the graph take RGB pixels 0..255 whatever the model expects: a model
+whose input is scaled (0..1) or normalised ((x - mean) / std) gets one Mul and one Add in front
+(`PixelContract`), so gradients are always with respect to real pixel values.
+
+onnxruntime-training 1.19.2 has no gradient for inference BatchNormalization, LRN, Dropout,
+HardSigmoid or HardSwish, returns an empty batch from AveragePoolGrad, and asserts on a
+LayerNormalization without its optional Mean and InvStdDev outputs. Each entry of
+`TRAINING_FIXES` replaces one such op by ops with the same forward output that it can
+differentiate (tests check the forward outputs do not change); the native builder needs none.
 """
+
+import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .errors import OnnxAttrError
+from .graph import GraphEditor, at_least_opset, attribute, copy_model, default_opset
+from .model import PIXEL_RANGE
 
-MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
-MAX_IR_VERSION = 10
 SCORE = "score"
 ONEHOT = "onehot"
 PROB = "prob"
 LOGITS = "logits"
+SCORES = {"prob": PROB, "logit": LOGITS}  # score name -> the class output it differentiates
 
 
-class GraphEditor:
-    """Small helpers for editing one graph: constants, unique names, producers and consumers."""
-
-    def __init__(self, graph, opset_imports=None):
-        self.graph = graph
-        # the opsets shape inference reads the graph's ops at: the model's own where known
-        self.opset_imports = list(opset_imports or [helper.make_opsetid("", MAX_OPSET)])
-        self._names = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
-        self._names |= {t.name for t in graph.initializer}
-        self._shapes = None
-
-    def unique(self, base):
-        """A tensor or node name not yet used in the graph."""
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
-
-    def constant(self, base, array):
-        """Add an initializer holding `array`; return its name."""
-        name = self.unique(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def value(self, name):
-        """The numpy value of an initializer or Constant node output, or None."""
-        for tensor in self.graph.initializer:
-            if tensor.name == name:
-                return numpy_helper.to_array(tensor)
-        for node in self.graph.node:
-            if node.op_type == "Constant" and node.output[0] == name:
-                return numpy_helper.to_array(node.attribute[0].t)
-        return None
-
-    def inferred_shape(self, name):
-        """The shape of tensor `name` from shape inference: an int, or None where unknown, per
-        dimension; None when inference knows nothing of the tensor."""
-        if self._shapes is None:
-            inferred = onnx.shape_inference.infer_shapes(
-                helper.make_model(self.graph, opset_imports=self.opset_imports))
-            graph = inferred.graph
-            self._shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
-                                     for d in v.type.tensor_type.shape.dim]
-                            for v in (*graph.value_info, *graph.input, *graph.output)
-                            if v.type.tensor_type.HasField("shape")}
-            self._shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        return self._shapes.get(name)
-
-    def shape(self, name):
-        """The static shape of tensor `name` (batch may be symbolic), or an OnnxAttrError."""
-        shape = self.inferred_shape(name)
-        if not shape or any(d is None for d in shape[1:]):
-            raise OnnxAttrError(f"cannot infer a static shape for tensor '{name}'")
-        return shape
-
-    def consumers(self, name):
-        return [node for node in self.graph.node if name in node.input]
-
-    def producer(self, name):
-        return next((node for node in self.graph.node if name in node.output), None)
-
-    def node(self, op_type, inputs, outputs, base, **attrs):
-        """A new node with a unique name (not yet placed in the graph)."""
-        return helper.make_node(op_type, inputs, outputs, name=self.unique(base), **attrs)
+# --- the pixel contract and the class outputs ----------------------------------------------------
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+def _prepend_contract(editor, classifier):
+    """Make the image input take pixels 0..255: input -> Mul(a) -> Add(b) -> the old input."""
+    contract = classifier.contract
+    if contract.is_identity:
+        return []
+    name = classifier.input_name
+    inner = editor.unique(f"{name}/model_input")
+    for node in editor.graph.node:
+        node.input[:] = [inner if i == name else i for i in node.input]
+    for output in editor.graph.output:
+        if output.name == name:
+            raise OnnxAttrError("the image input is also a graph output; cannot prepend the "
+                                "pixel contract")
+    scale, shift = contract.scale_shift(classifier.channels)
+    scaled = editor.unique(f"{name}/scaled")
+    shape = (1, -1, 1, 1)
+    return [
+        editor.node("Mul", [name, editor.constant(f"{name}/contract_scale", scale.reshape(shape)
+                                                  .astype(np.float32))], [scaled], "contract"),
+        editor.node("Add", [scaled, editor.constant(f"{name}/contract_shift", shift.reshape(shape)
+                                                    .astype(np.float32))], [inner], "contract"),
+    ]
+
+
+# --- forward fixes for onnxruntime-training ------------------------------------------------------
 
 
 def _fix_dropout(editor, node):
@@ -109,12 +75,12 @@ def _fix_lrn(editor, node):
     through Exp/Log: the builder's gradients of Pow, of Mul with one tensor on both inputs, and
     of AveragePool fail at run time in onnxruntime-training 1.19.2.
     """
-    size = _attr(node, "size", None)
-    alpha, beta, bias = (_attr(node, "alpha", 1e-4), _attr(node, "beta", 0.75),
-                         _attr(node, "bias", 1.0))
+    size = attribute(node, "size")
+    alpha, beta, bias = (attribute(node, "alpha", 1e-4), attribute(node, "beta", 0.75),
+                         attribute(node, "bias", 1.0))
     before, after = (size - 1) // 2, size // 2
     x, y, n = node.input[0], node.output[0], node.name
-    channels = editor.shape(x)[1]
+    channels = editor.shape(x, node)[1]
     t = {k: editor.unique(f"{n}/{k}") for k in ("copy", "square", "stacked", "sum", "shape",
                                                  "window", "base", "shifted", "log",
                                                  "scaled_log", "scale")}
@@ -140,26 +106,30 @@ def _fix_lrn(editor, node):
 
 
 def _fix_batchnorm(editor, node):
-    """Inference BatchNormalization: folded into the Conv before it, else a per-channel Mul+Add."""
+    """Inference BatchNormalization: folded into the Conv before it, else a per-channel Mul+Add.
+    Parameters may reach it through Identity nodes (torch's exporter shares equal tensors)."""
     params = [editor.value(name) for name in node.input[1:5]]
     if any(p is None for p in params):
         raise OnnxAttrError(f"BatchNormalization node '{node.name}' has non-constant parameters")
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    scale = gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + attribute(node, "epsilon", 1e-5))
     shift = beta - mean * scale
     conv = editor.producer(node.input[0])
-    if conv is not None and conv.op_type == "Conv" and len(editor.consumers(conv.output[0])) == 1:
+    if conv is not None and conv.op_type == "Conv" and len(editor.consumers(conv.output[0])) == 1 \
+            and not editor.is_output(conv.output[0]):
         weight = editor.value(conv.input[1])
         if weight is not None:
-            bias = editor.value(conv.input[2]) if len(conv.input) > 2 else 0.0
-            shape = (-1,) + (1,) * (weight.ndim - 1)
-            folded_weight = editor.constant(f"{conv.name}/W_bn", (weight * scale.reshape(shape))
-                                            .astype(np.float32))
-            folded_bias = editor.constant(f"{conv.name}/B_bn", (bias * scale + shift)
-                                          .astype(np.float32))
-            conv.input[:] = [conv.input[0], folded_weight, folded_bias]
-            return [editor.node("Identity", [conv.output[0]], [node.output[0]], node.name)]
-    shape = (1, -1, 1, 1)
+            bias = editor.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else 0.0
+            if bias is not None:
+                shape = (-1,) + (1,) * (weight.ndim - 1)
+                folded_weight = editor.constant(f"{conv.name}/W_bn", (
+                    weight * scale.reshape(shape)).astype(np.float32))
+                folded_bias = editor.constant(f"{conv.name}/B_bn", (bias * scale + shift)
+                                              .astype(np.float32))
+                conv.input[:] = [conv.input[0], folded_weight, folded_bias]
+                return [editor.node("Identity", [conv.output[0]], [node.output[0]], node.name)]
+    rank = editor.rank(node.input[0]) or 4
+    shape = (1, -1) + (1,) * (rank - 2)
     scaled = editor.unique(f"{node.name}/scaled")
     return [
         editor.node("Mul", [node.input[0], editor.constant(f"{node.name}/scale", scale.reshape(
@@ -174,17 +144,17 @@ def _fix_average_pool(editor, node):
     """AveragePool as a depthwise Conv with weights 1/kernel size (the builder's AveragePoolGrad
     returns an empty batch in onnxruntime-training 1.19.2). Without count_include_pad, border
     outputs are divided by the share of the window that lies inside the image."""
-    if _attr(node, "ceil_mode", 0) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if attribute(node, "ceil_mode", 0) or attribute(node, "auto_pad", "NOTSET") != "NOTSET":
         raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode or auto_pad is not "
-                            "supported")
+                            "supported by the onnxruntime-training builder (try --builder native)")
     x, y, n = node.input[0], node.output[0], node.name
-    shape = editor.shape(x)
-    kernel = list(_attr(node, "kernel_shape", None))
-    strides = list(_attr(node, "strides", [1] * len(kernel)))
-    pads = list(_attr(node, "pads", [0] * 2 * len(kernel)))
+    shape = editor.shape(x, node)
+    kernel = list(attribute(node, "kernel_shape"))
+    strides = list(attribute(node, "strides", [1] * len(kernel)))
+    pads = list(attribute(node, "pads", [0] * 2 * len(kernel)))
     weight = np.full((shape[1], 1, *kernel), 1.0 / np.prod(kernel), np.float32)
     attrs = dict(group=shape[1], kernel_shape=kernel, strides=strides, pads=pads)
-    if _attr(node, "count_include_pad", 0) or not any(pads):
+    if attribute(node, "count_include_pad", 0) or not any(pads):
         return [editor.node("Conv", [x, editor.constant(f"{n}/weight", weight)], [y], n, **attrs)]
     inside = np.ones((1, 1, *shape[2:]), np.float64)
     share = _window_share(inside, kernel, strides, pads).astype(np.float32)
@@ -202,31 +172,71 @@ def _window_share(inside, kernel, strides, pads):
     return windows.mean(axis=tuple(range(-rank, 0)))
 
 
-FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn,
-         "BatchNormalization": _fix_batchnorm}
+def _hard_sigmoid(editor, node, x, y):
+    """y = Clip(alpha * x + beta, 0, 1), as Mul, Add and Clip."""
+    alpha, beta = attribute(node, "alpha", 0.2), attribute(node, "beta", 0.5)
+    scaled, shifted = editor.unique(f"{node.name}/scaled"), editor.unique(f"{node.name}/shifted")
+    return [editor.node("Mul", [x, editor.constant(f"{node.name}/alpha", np.float32(alpha))],
+                        [scaled], node.name),
+            editor.node("Add", [scaled, editor.constant(f"{node.name}/beta", np.float32(beta))],
+                        [shifted], node.name),
+            editor.node("Clip", [shifted, editor.constant(f"{node.name}/zero", np.float32(0)),
+                                 editor.constant(f"{node.name}/one", np.float32(1))], [y],
+                        node.name)]
 
 
-def prepare_forward(classifier):
-    """A copy of the classifier's graph the builder can differentiate, with outputs prob, logits.
+def _fix_hard_sigmoid(editor, node):
+    """HardSigmoid(x) = Clip(alpha * x + beta, 0, 1)."""
+    return _hard_sigmoid(editor, node, node.input[0], node.output[0])
+
+
+def _fix_hard_swish(editor, node):
+    """HardSwish(x) = x * HardSigmoid(x) with alpha 1/6, beta 1/2."""
+    gate = editor.unique(f"{node.name}/gate")
+    spec = helper.make_node("HardSigmoid", node.input, [gate], name=node.name, alpha=1 / 6,
+                            beta=0.5)
+    return [*_hard_sigmoid(editor, spec, node.input[0], gate),
+            editor.node("Mul", [node.input[0], gate], [node.output[0]], node.name)]
+
+
+def _fix_layer_norm(editor, node):
+    """LayerNormalization with its optional Mean and InvStdDev outputs named (the builder
+    asserts without them)."""
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    outputs[1:] = [o or editor.unique(f"{node.name}/{k}")
+                   for o, k in zip(outputs[1:], ("mean", "inv_std_dev"))]
+    fixed = onnx.NodeProto()
+    fixed.CopyFrom(node)
+    fixed.output[:] = outputs
+    return [fixed]
+
+
+TRAINING_FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn,
+                  "BatchNormalization": _fix_batchnorm, "HardSigmoid": _fix_hard_sigmoid,
+                  "HardSwish": _fix_hard_swish, "LayerNormalization": _fix_layer_norm}
+
+
+# --- the prepared forward graph ------------------------------------------------------------------
+
+
+def prepare_forward(classifier, fixes=None):
+    """A copy of the classifier's graph (at opset >= 17) with the pixel contract in front, the
+    `fixes` (an op -> rule table such as TRAINING_FIXES) applied, and outputs exactly `prob` and
+    `logits`.
 
     The forward outputs are unchanged (tests check this); unused initializers are kept.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(classifier.proto)
-    opset = classifier.opset
-    if opset > MAX_OPSET:
-        raise OnnxAttrError(f"model uses opset {opset}; onnxruntime-training supports at most "
-                            f"{MAX_OPSET} (re-export with opset <= {MAX_OPSET})")
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    graph = model.graph
-    editor = GraphEditor(graph, model.opset_import)
+    model = copy_model(at_least_opset(classifier.proto))
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    editor = GraphEditor(model)
+    editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
     nodes = []
-    for node in list(graph.node):
-        fix = FIXES.get(node.op_type)
+    for node in list(model.graph.node):
+        fix = (fixes or {}).get(node.op_type)
         nodes.extend(fix(editor, node) if fix else [node])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _expose_class_outputs(editor, classifier, opset)
+    editor.set_nodes(nodes)
+    _expose_class_outputs(editor, classifier, default_opset(model))
     return model
 
 
@@ -241,11 +251,24 @@ def _expose_class_outputs(editor, classifier, opset):
                                  axis=1 if opset < 13 else -1))
     elif classifier.prob_output != PROB:
         nodes.append(editor.node("Identity", [classifier.prob_output], [PROB], PROB))
-    graph.node.extend(nodes)
+    editor.set_nodes([*graph.node, *nodes])
+    batch = classifier.batch or "N"
     del graph.output[:]
     graph.output.extend(
-        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", classifier.num_classes])
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch, classifier.num_classes])
         for name in (PROB, LOGITS))
+
+
+def gradient_output(wrt):
+    """Name of the output holding d score / d `wrt` (the same for both builders)."""
+    return f"{wrt}_grad"
+
+
+def check_score(score):
+    """`score` if it is a known score name, else an OnnxAttrError."""
+    if score not in SCORES:
+        raise OnnxAttrError(f"unknown score '{score}' (choose {' or '.join(SCORES)})")
+    return score
 
 
 def add_score_head(forward, score="prob"):
@@ -254,19 +277,24 @@ def add_score_head(forward, score="prob"):
     One target class per row of the batch; rows do not interact, so d score / d image[n] is the
     gradient of row n's target score alone. The class outputs stay as outputs.
     """
-    if score not in (PROB, "logit"):
-        raise OnnxAttrError(f"unknown score '{score}' (choose prob or logit)")
-    model = onnx.ModelProto()
-    model.CopyFrom(forward)
+    model = copy_model(forward)
     graph = model.graph
-    num_classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    class_dims = graph.output[0].type.tensor_type.shape.dim
+    batch = class_dims[0].dim_value or "N"
     graph.input.append(helper.make_tensor_value_info(ONEHOT, onnx.TensorProto.FLOAT,
-                                                     ["N", num_classes]))
-    editor = GraphEditor(graph)
+                                                     [batch, class_dims[1].dim_value]))
+    editor = GraphEditor(model)
     selected = editor.unique("score/selected")
     graph.node.extend([
-        editor.node("Mul", [PROB if score == PROB else LOGITS, ONEHOT], [selected], "score/select"),
+        editor.node("Mul", [SCORES[check_score(score)], ONEHOT], [selected], "score/select"),
         editor.node("ReduceSum", [selected], [SCORE], "score/sum", keepdims=0),
     ])
     graph.output.insert(0, helper.make_tensor_value_info(SCORE, onnx.TensorProto.FLOAT, []))
     return model
+
+
+def contract_metadata(contract):
+    """The onnxattr.input metadata of a graph that takes pixels 0..255 (contract built in)."""
+    return json.dumps({"layout": "NCHW", "channels": "RGB", "range": list(PIXEL_RANGE),
+                       "preprocessing": f"built in: the model's own contract "
+                                        f"({contract.describe()})"})

@@ -10,8 +10,13 @@ A rule turns the cotangent `dy` of a rectifier's output into the cotangent of it
 
 Both gradient builders emit every rectifier's backward through `RELU_RULES`: the native
 builder where it reaches a Relu or Clip, the onnxruntime-training path by replacing each
-ReluGrad node the training builder wrote. A new rule is one function and one entry.
+ReluGrad node the training builder wrote. Each entry is also an attribution method (its name
+and figure title are in the entry; onnxattr.methods lists one method per rule), so a new rule
+is one function and one entry, and nothing else.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,7 +26,7 @@ VANILLA = "vanilla"
 
 
 def vanilla(em, dy, active, out=None):
-    return em.op("Where", active, dy, em.const(_zero(em, dy)), outputs=_outs(out))
+    return em.op("Where", active, dy, em.const(zero_like(em, dy)), outputs=_outs(out))
 
 
 def guided(em, dy, active, out=None):
@@ -32,7 +37,23 @@ def zeiler_fergus(em, dy, active, out=None):
     return em.op("Relu", dy, outputs=_outs(out))
 
 
-RELU_RULES = {VANILLA: vanilla, "guided": guided, "zeiler-fergus": zeiler_fergus}
+@dataclass(frozen=True)
+class ReluRule:
+    """A ReLU backward rule and the attribution method it makes."""
+
+    method: str  # the method's name: "guided-backprop"
+    title: str  # its figure title: "Guided Backpropagation"
+    backward: Callable  # (emitter, dy, active, out=None) -> dx
+
+    def __call__(self, em, dy, active, out=None):
+        return self.backward(em, dy, active, out)
+
+
+RELU_RULES = {
+    VANILLA: ReluRule("gradient", "Gradient Attribution Map", vanilla),
+    "guided": ReluRule("guided-backprop", "Guided Backpropagation", guided),
+    "zeiler-fergus": ReluRule("zeiler-fergus", "Zeiler-Fergus", zeiler_fergus),
+}
 
 
 def relu_rule(name):
@@ -47,6 +68,6 @@ def _outs(out):
     return 1 if out is None else [out]
 
 
-def _zero(em, like):
+def zero_like(em, like):
     """A zero scalar of the dtype of tensor `like`."""
     return np.zeros((), em.dtype(like))

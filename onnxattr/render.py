@@ -155,7 +155,8 @@ def _check_rgb(image, what, shape=None):
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
         raise OnnxAttrError(f"{what} must be a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     if shape is not None and image.shape[:2] != tuple(shape):
-        raise OnnxAttrError(f"{what} is {image.shape[1]}x{image.shape[0]} but the map is {shape[1]}x{shape[0]}")
+        raise OnnxAttrError(f"{what} is {image.shape[1]}x{image.shape[0]} but the map is "
+                            f"{shape[1]}x{shape[0]}")
     return image
 
 
@@ -246,16 +247,20 @@ def styled(map, photo=None, style="map", cmap=None, alpha=0.5, signed=None):
 # --- figures ----------------------------------------------------------------------------------
 
 
-def _figure(columns, rows, aspect, inches=PANEL_INCHES, titled=True):
-    """A blank Agg figure (constrained layout) for a grid of images `inches` wide of height/width
-    ratio `aspect`, with room for a title line above each when `titled`."""
-    height = rows * (inches * aspect + (0.45 if titled else 0.1))
-    fig = Figure(figsize=(inches * columns, height), dpi=DPI, layout="constrained")
+def blank_figure(width, height):
+    """A blank Agg figure (constrained layout) of `width` x `height` inches."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _show(ax, image, title=None, interpolation="nearest"):
+def _figure(columns, rows, aspect, inches=PANEL_INCHES, titled=True):
+    """A blank figure for a grid of images `inches` wide of height/width ratio `aspect`, with
+    room for a title line above each when `titled`."""
+    return blank_figure(inches * columns, rows * (inches * aspect + (0.45 if titled else 0.1)))
+
+
+def show(ax, image, title=None, interpolation="nearest"):
     """An image with a thin light frame, no ticks, and a wrapped title."""
     ax.imshow(image, interpolation=interpolation)
     ax.set_xticks([])
@@ -267,12 +272,13 @@ def _show(ax, image, title=None, interpolation="nearest"):
         ax.set_title(textwrap.fill(str(title), TITLE_CHARS), fontsize=10)
 
 
-def _save(fig, path, title=None):
-    """Write the figure as PNG to `path` atomically, cropped tight to its content."""
+def save_figure(fig, path, title=None):
+    """Write the figure as PNG to `path` atomically, cropped tight to its content; the path."""
     if title:
         fig.suptitle(textwrap.fill(str(title), TITLE_CHARS * 3), fontsize=12)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1, facecolor="white")
+    return path
 
 
 def _aspect(image):
@@ -283,8 +289,8 @@ def save_photo_figure(path, photo, title):
     """The photo titled by the caller, e.g. "golden retriever (0.93)"."""
     photo = _check_rgb(photo, "photo")
     fig = _figure(1, 1, _aspect(photo))
-    _show(fig.add_subplot(), photo, title)
-    _save(fig, path)
+    show(fig.add_subplot(), photo, title)
+    save_figure(fig, path)
 
 
 def save_map_figure(path, image_rgb, title, colorbar=True, cmap=None, signed=False):
@@ -293,12 +299,13 @@ def save_map_figure(path, image_rgb, title, colorbar=True, cmap=None, signed=Fal
     image = _check_rgb(image_rgb, "map image")
     fig = _figure(1, 1, _aspect(image))
     ax = fig.add_subplot()
-    _show(ax, image, title)
+    show(ax, image, title)
     if colorbar:
         low = -1.0 if signed else 0.0
-        mappable = ScalarMappable(Normalize(low, 1.0), _cmap(DEFAULT_CMAP[bool(signed)] if cmap is None else cmap))
+        colormap = _cmap(DEFAULT_CMAP[bool(signed)] if cmap is None else cmap)
+        mappable = ScalarMappable(Normalize(low, 1.0), colormap)
         fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_tile_figure(path, images, title, columns=None, labels=None):
@@ -319,10 +326,10 @@ def save_tile_figure(path, images, title, columns=None, labels=None):
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for i, ax in enumerate(axes):
         if i < len(images):
-            _show(ax, images[i], None if labels is None else labels[i], interpolation="auto")
+            show(ax, images[i], None if labels is None else labels[i], interpolation="auto")
         else:
             ax.set_axis_off()
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def save_panel(path, photo, photo_title, maps):
@@ -332,5 +339,5 @@ def save_panel(path, photo, photo_title, maps):
     fig = _figure(len(panels), 1, max(_aspect(im) for _, im in panels))
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, (title, image) in zip(axes, panels):
-        _show(ax, image, title)
-    _save(fig, path)
+        show(ax, image, title)
+    save_figure(fig, path)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from . import __version__
+from ._version import __version__
 from .errors import OnnxAttrError
 from .figures import RenderOptions, write_figures
 from .files import atomic_path
@@ -190,6 +190,9 @@ def _numbers(extras):
     """The method's scalar extras (e.g. IG's convergence deltas) as JSON numbers."""
     numbers = {}
     for name, value in (extras or {}).items():
+        if value is None:  # a number that is not defined here (e.g. a relative delta of 0 / 0)
+            numbers[name] = None
+            continue
         try:
             number = float(value)
         except (TypeError, ValueError):

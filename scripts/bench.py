@@ -166,7 +166,7 @@ def _captum_only_state(args):
 def _status_mb(field):
     """A memory figure of this process from /proc (VmHWM: its peak resident set since exec)."""
     with open("/proc/self/status") as status:
-        line = next(l for l in status if l.startswith(field + ":"))
+        line = next(text for text in status if text.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 

@@ -60,10 +60,10 @@ def measure(args):
     """The numbers of the table, as a dict."""
     sys.path.insert(0, str(REPO))
     from onnxattr import caffe
+    from onnxattr.builders import GraphCache
+    from onnxattr.compile import compile_model
     from onnxattr.engine import AttributionEngine
-    from onnxattr.gradient import GraphCache
     from onnxattr.image import load_pixels
-    from onnxattr.lower import compile_model
     from onnxattr.model import load_model
     from onnxattr.runtime import make_session
 

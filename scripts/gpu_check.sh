@@ -30,7 +30,7 @@ import onnx
 
 sys.path.insert(0, ".")
 from onnxattr import Explainer, caffe  # noqa: E402
-from onnxattr.lower import compile_model  # noqa: E402
+from onnxattr.compile import compile_model  # noqa: E402
 
 sys.path.insert(0, "scripts")
 from bench_compiled import integrated_gradients  # noqa: E402

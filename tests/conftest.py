@@ -1,10 +1,28 @@
 """Shared fixtures: the read-only shared data, the exported BVLC GoogLeNet, its torch reference."""
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+STOCK_VENV = REPO / ".pytest_cache" / "stock-ort-venv"
+# A runtime-only environment: stock onnxruntime (pinned: tests must not change with a release),
+# onnxattr's other dependencies, and onnxattr from this checkout; no training build, no torch.
+STOCK_PACKAGES = ["onnxruntime==1.32.0", "numpy==2.3.5", "onnx==1.23.2", "pillow==12.1.0",
+                  "matplotlib==3.10.8", "click==8.3.1"]
+
+
+GRADIENT_BUILDERS = ["onnxruntime", "native"]
+
+
+@pytest.fixture(params=GRADIENT_BUILDERS)
+def builder(request):
+    """Each gradient builder in turn (onnxattr.builders): tests of what both must do."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +80,60 @@ def googlenet(googlenet_path, tmp_path_factory):
 @pytest.fixture
 def small_classifier(tmp_path, monkeypatch):
     """(tmp_path, a small labelled classifier's path, a photo for it); a private graph cache."""
-    import json
-
     from onnx import helper
 
     import small_models
 
     monkeypatch.setenv("ONNXATTR_CACHE", str(tmp_path / "cache"))
     model = small_models.conv_relu_maxpool_lrn()
-    helper.set_model_props(model, {"onnxattr.labels": json.dumps(small_models.LABELS)})
+    helper.set_model_props(model, {"onnxattr.labels": json.dumps(small_models.LABELS),
+                                   "onnxattr.input": json.dumps({"range": [0, 255]})})
     model_path = small_models.save(model, tmp_path / "small.onnx")
     return tmp_path, model_path, small_models.random_photo(tmp_path / "photo.png")
+
+
+def _stock_interpreter():
+    """Python 3.13 where one is installed and runs (onnxattr must install there; pyenv's shim
+    may name one it cannot run), else this one."""
+    found = [shutil.which("python3.13"), *sorted(map(str, Path.home().glob(
+        ".pyenv/versions/3.13*/bin/python3.13")))]
+    for candidate in filter(None, found):
+        if subprocess.run([candidate, "-c", "import venv"], capture_output=True).returncode == 0:
+            return candidate
+    return sys.executable
+
+
+def _pip(python, *args):
+    return subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def stock_python():
+    """Python of a virtual environment (kept in .pytest_cache) where onnxattr is installed
+    from this checkout with stock onnxruntime and no training build: on Python 3.13, through
+    pyproject's own dependencies (pinned by STOCK_PACKAGES as constraints). Skips when pip
+    cannot install them."""
+    interpreter = _stock_interpreter()
+    python = STOCK_VENV / "bin" / "python"
+    marker = STOCK_VENV / "installed.json"
+    wanted = {"interpreter": interpreter, "packages": STOCK_PACKAGES,
+              "pyproject": (REPO / "pyproject.toml").read_text()}
+    if not marker.exists() or json.loads(marker.read_text()) != wanted:
+        if STOCK_VENV.exists():
+            shutil.rmtree(STOCK_VENV)
+        subprocess.run([interpreter, "-m", "venv", str(STOCK_VENV)], check=True)
+        constraints = STOCK_VENV / "constraints.txt"
+        constraints.write_text("\n".join(STOCK_PACKAGES) + "\n")
+        version = subprocess.run([str(python), "-c", "import sys; print(sys.version_info >= "
+                                  "(3, 13))"], capture_output=True, text=True).stdout.strip()
+        if version == "True":  # pyproject's markers pick stock onnxruntime on 3.13
+            done = _pip(python, "-c", str(constraints), "-e", str(REPO))
+        else:
+            done = _pip(python, *STOCK_PACKAGES)
+            done = done if done.returncode else _pip(python, "--no-deps", "-e", str(REPO))
+        if done.returncode:
+            pytest.skip(f"pip cannot install the stock environment: "
+                        f"{done.stderr.strip().splitlines()[-1:]}")
+        marker.write_text(json.dumps(wanted))
+    return python

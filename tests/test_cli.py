@@ -9,10 +9,10 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-import small_models
-from small_models import LABELS
 from onnxattr.cli import main
 
+import small_models
+from small_models import LABELS
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -111,7 +111,9 @@ def test_huge_image_is_refused(small_classifier, monkeypatch, capsys):
     ("durian", "unknown class name 'durian'"),
     ("banan", "did you mean: banana"),
     ("5", "out of range 0..4"),
-    ("-1", "unknown class name '-1'"),
+    ("-1", "class index -1 is out of range 0..4"),
+    ("2.0", "target 2.0 is not a whole number"),
+    ("1e3", "not a whole number"),
 ])
 def test_bad_targets(small_classifier, monkeypatch, capsys, target, problem):
     tmp_path, model, photo = small_classifier
@@ -142,7 +144,7 @@ def undifferentiable():
 @pytest.mark.parametrize("make, problems", [
     (no_image_input, ["not an image classifier", "[N, C, H, W]"]),
     (no_class_output, ["not an image classifier", "softmax or logits"]),
-    (undifferentiable, ["cannot differentiate op Round", "relu1"]),
+    (undifferentiable, ["op Round", "relu1"]),
 ])
 def test_bad_models(small_classifier, monkeypatch, capsys, make, problems):
     tmp_path, _, photo = small_classifier
@@ -190,6 +192,15 @@ def test_installed_entry_point_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: model file not found")
     assert "Traceback" not in result.stderr
+
+
+def test_out_under_a_regular_file_is_one_line(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                           tmp_path / "file" / "out")
+    assert code == 1
+    assert_one_line_error(code, err, "is a file, not a folder")
 
 
 def test_cuda_without_its_provider_fails_before_any_work(small_classifier, monkeypatch, capsys):

@@ -144,14 +144,16 @@ def test_over_our_limit_refused_before_decoding(tmp_path):
     expect_error(path, str(path), "too large", "9000 x 9000", "81.0 megapixels", "limit 80")
 
 
-def test_pillow_bomb_warning_becomes_error(tmp_path):
-    path = png_header_only(tmp_path / "bigger.png", 10000, 10000)  # past Image.MAX_IMAGE_PIXELS
-    expect_error(path, str(path), "too large")
+@pytest.mark.parametrize("side", [10000, 12000])
+def test_pillow_bomb_warning_zone_gets_our_message(tmp_path, side):
+    """Past Image.MAX_IMAGE_PIXELS (89.5 MP): our limit and numbers, not Pillow's words."""
+    path = png_header_only(tmp_path / "bigger.png", side, side)
+    expect_error(path, str(path), "too large", f"{side} x {side}", "limit 80 megapixels")
 
 
 def test_pillow_bomb_error(tmp_path):
     path = png_header_only(tmp_path / "bomb.png", 60000, 60000)
-    expect_error(path, str(path), "too large")
+    expect_error(path, str(path), "too large", "60000 x 60000 pixels = 3600.0 megapixels")
 
 
 def test_bomb_warning_from_lowered_pillow_limit(tmp_path, monkeypatch):

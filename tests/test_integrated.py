@@ -14,13 +14,22 @@ import pytest
 from onnx import helper, numpy_helper
 from PIL import Image
 
-import small_models
 from onnxattr import Explainer, OnnxAttrError
 from onnxattr.cli import main
 from onnxattr.image import load_pixels
+from onnxattr.integration import (
+    BLUR_SIGMA_FRACTION,
+    gaussian_blur,
+    integration_path,
+    integration_rule,
+    make_baselines,
+    path_chunks,
+    path_images,
+)
+from onnxattr.integration import INTEGRATION_RULES as RULES
 from onnxattr.methods import METHODS, SMOOTHINGS, Method
-from onnxattr.paths import (BLUR_SIGMA_FRACTION, RULES, gaussian_blur, integration_path,
-                            integration_rule, make_baselines, path_chunks, path_images)
+
+import small_models
 
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.integers(0, 256, (8, 8, 3), np.uint8) for _ in range(3)]
@@ -179,6 +188,8 @@ def test_baseline_list_gives_one_per_image():
 @pytest.mark.parametrize("spec, problem", [
     ("balck", "unknown baseline 'balck'"),
     ("nan", "finite"),
+    ("1e40", "baseline 1e\\+40 is not a finite pixel value within ±1e\\+06"),
+    (-2e6, "baseline -2000000.0 is not a finite pixel value"),
     (None, "unknown baseline"),
     (np.zeros((4, 4, 3), np.uint8), "baseline image is 4x4 pixels; it must be the model's input "
                                     "size 8x8"),
@@ -513,6 +524,23 @@ def test_cli_warns_when_completeness_is_off(onnxattr_cli):
     assert "convergence delta" in out
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "use more --steps than 2" in warning[0]
+
+
+def test_cli_no_relative_delta_when_the_scores_agree(onnxattr_cli, tmp_path):
+    """The image as its own baseline: S(I) - S(I0) = 0, so the relative delta is undefined (not
+    inf) and no "use more steps" warning fires: the attribution (zero) is right."""
+    code, out, err, _ = onnxattr_cli("--method", "integrated-gradients", "--baseline",
+                                     tmp_path / "p.png")
+    assert code == 0, err
+    assert "convergence delta +0 = sum(attribution) - (S(I) - S(I0)) = 0" in out, out
+    assert "warning" not in err and "inf" not in out
+
+
+def test_cli_huge_baseline_is_one_line(onnxattr_cli):
+    code, out, err, _ = onnxattr_cli("--method", "integrated-gradients", "--baseline", "1e40")
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1 and "baseline 1e+40" in lines[0], err
+    assert "RuntimeWarning" not in err and "convergence delta" not in out
 
 
 def test_cli_smooth_titles_and_options_per_method(onnxattr_cli, monkeypatch):

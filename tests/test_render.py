@@ -169,7 +169,8 @@ def test_bad_map_options(kwargs, words):
 
 
 @pytest.mark.parametrize(
-    "bad", [np.zeros((4, 4)), np.array([[[np.nan]]]), np.array([[[np.inf]]]), np.zeros((3, 0, 2)), np.ones((3, 2, 2), complex)]
+    "bad", [np.zeros((4, 4)), np.array([[[np.nan]]]), np.array([[[np.inf]]]), np.zeros((3, 0, 2)),
+            np.ones((3, 2, 2), complex)]
 )
 def test_bad_attribution_arrays(bad):
     with pytest.raises(OnnxAttrError):
@@ -314,7 +315,8 @@ def test_save_map_figure_signed_colorbar(tmp_path):
 def test_save_tile_figure(tmp_path, photo):
     path = tmp_path / "tiles.png"
     steps = [np.rint(photo * t).astype(np.uint8) for t in np.linspace(0, 1, 7)]
-    render.save_tile_figure(path, steps, "Images Along Integration Path", labels=[f"{t:.2f}" for t in range(7)])
+    render.save_tile_figure(path, steps, "Images Along Integration Path",
+                            labels=[f"{t:.2f}" for t in range(7)])
     check_png(path)
     path2 = tmp_path / "sub" / "tiles.png"
     render.save_tile_figure(path2, steps, "Images Along Integration Path", columns=3)

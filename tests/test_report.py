@@ -16,13 +16,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
-from small_models import random_photo
-from onnxattr.cli import main
 from test_cli import run_cli
+
 from onnxattr import Explainer, render
+from onnxattr.cli import main
 from onnxattr.figures import RenderOptions
 from onnxattr.report import collect_inputs, image_key, run_audit
+
+from small_models import random_photo
 
 SCREENSHOT_COPY = "/tmp/audit_page.png"
 

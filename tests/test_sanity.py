@@ -8,10 +8,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import small_models
-from onnxattr import sanity
+from onnxattr import randomize, sanity, similarity
 from onnxattr.cli import main
 from onnxattr.explainer import Explainer
+
+import small_models
 
 SIZE = 16
 
@@ -62,7 +63,7 @@ def setup(tmp_path):
 
 
 def test_layers_go_from_the_output_back_to_the_input():
-    layers = sanity.parameter_layers(three_conv())
+    layers = randomize.parameter_layers(three_conv())
     assert [layer.name for layer in layers] == ["fc", "c3", "c2", "c1"]
     assert layers[0].weights == ["fc/w"] and layers[0].biases == ["fc/b"]
     assert layers[-1].fan_in == {"c1/w": 27}
@@ -73,18 +74,18 @@ def test_layer_order_follows_the_graph_not_the_file_order():
     nodes = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(reversed(nodes))  # not topologically sorted any more
-    assert [layer.name for layer in sanity.parameter_layers(model, "logits")] == [
+    assert [layer.name for layer in randomize.parameter_layers(model, "logits")] == [
         "fc", "c3", "c2", "c1"]
 
 
 def test_grouping_by_prefix_and_per_node():
     model = small_models.concat_batchnorm()  # conv_a, conv_b, bn_b, bn_input, head
-    by_node = sanity.parameter_layers(model, grouping="node")
+    by_node = randomize.parameter_layers(model, grouping="node")
     assert by_node[0].name == "head"
     assert {layer.name for layer in by_node} == {"head", "conv_a", "conv_b", "bn_b", "bn_input"}
     assert next(layer for layer in by_node if layer.name == "bn_b").affine == ["g", "beta"]
     # the three-conv nodes are "c1/conv" etc.: grouped by prefix they are c1, c2, c3
-    assert [layer.nodes for layer in sanity.parameter_layers(three_conv())][1:] == [
+    assert [layer.nodes for layer in randomize.parameter_layers(three_conv())][1:] == [
         ["c3/conv"], ["c2/conv"], ["c1/conv"]]
 
 
@@ -94,32 +95,32 @@ def test_grouping_by_prefix_and_per_node():
 def test_ssim_of_an_image_with_itself_is_one_and_of_unrelated_noise_near_zero():
     rng = np.random.default_rng(0)
     x, y = rng.random((64, 64)), rng.random((64, 64))
-    assert sanity.ssim(x, x) == pytest.approx(1.0)
-    assert abs(sanity.ssim(x, y)) < 0.05
-    assert sanity.ssim(x, np.clip(x + 0.05 * rng.standard_normal(x.shape), 0, 1)) > 0.8
+    assert similarity.ssim(x, x) == pytest.approx(1.0)
+    assert abs(similarity.ssim(x, y)) < 0.05
+    assert similarity.ssim(x, np.clip(x + 0.05 * rng.standard_normal(x.shape), 0, 1)) > 0.8
 
 
 def test_hog_puts_a_vertical_edge_in_the_horizontal_gradient_bin():
     image = np.zeros((32, 32))
     image[:, 16:] = 1.0  # a vertical edge: the gradient points along x (0 degrees)
-    cells = sanity.hog_cells(image)
+    cells = similarity.hog_cells(image)
     assert cells.shape == (4, 4, 9)
     energy = cells.sum(axis=(0, 1))
     assert energy[0] > 0 and np.all(energy[1:] == 0)
-    horizontal = sanity.hog_cells(image.T).sum(axis=(0, 1))  # 90 degrees: bins 4 and 5
+    horizontal = similarity.hog_cells(image.T).sum(axis=(0, 1))  # 90 degrees: bins 4 and 5
     assert horizontal[4] == pytest.approx(horizontal[5]) and horizontal[4] > 0
     assert horizontal.sum() == pytest.approx(horizontal[4] + horizontal[5])
-    features = sanity.hog(image)
+    features = similarity.hog(image)
     assert features.shape == (3 * 3 * 2 * 2 * 9,)
-    assert sanity.pearson(features, sanity.hog(image)) == pytest.approx(1.0)
+    assert similarity.pearson(features, similarity.hog(image)) == pytest.approx(1.0)
 
 
 def test_spearman_handles_ties_and_monotone_maps():
     a = np.array([1.0, 2.0, 2.0, 3.0])
-    assert sanity.spearman(a, a ** 3) == pytest.approx(1.0)
-    assert sanity.spearman(a, -a) == pytest.approx(-1.0)
-    assert np.isnan(sanity.spearman(a, np.zeros(4)))
-    assert sanity._ranks(a).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert similarity.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert similarity.spearman(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(similarity.spearman(a, np.zeros(4)))
+    assert similarity._ranks(a).tolist() == [1.0, 2.5, 2.5, 4.0]
 
 
 # --- randomization -------------------------------------------------------------------------------
@@ -127,21 +128,21 @@ def test_spearman_handles_ties_and_monotone_maps():
 
 def test_randomizing_nothing_gives_similarity_one(setup):
     _, _, explainer, photo = setup
-    engine = sanity.randomized_engine(explainer.engine, sanity.randomize_proto(
+    engine = randomize.randomized_engine(explainer.engine, randomize.randomize_proto(
         explainer.classifier.proto, [], seed=0), "nothing")
     pixels = explainer.pixels([photo])
     original, _, _ = explainer.engine.gradient(pixels, [2], score="logit")
     same, _, _ = engine.gradient(pixels, [2], score="logit")
-    for value in sanity.similarity(original[0], same[0]).values():
+    for value in similarity.similarity(original[0], same[0]).values():
         assert value == pytest.approx(1.0, abs=1e-6)
 
 
 def test_randomization_is_seeded_and_keeps_the_weight_scale():
     model = three_conv()
-    layers = sanity.parameter_layers(model)
-    a = sanity.randomize_proto(model, layers, seed=3)
-    b = sanity.randomize_proto(model, layers, seed=3)
-    c = sanity.randomize_proto(model, layers, seed=4)
+    layers = randomize.parameter_layers(model)
+    a = randomize.randomize_proto(model, layers, seed=3)
+    b = randomize.randomize_proto(model, layers, seed=3)
+    c = randomize.randomize_proto(model, layers, seed=4)
     trained, first, again, other = ({t.name: numpy_helper.to_array(t)
                                       for t in m.graph.initializer} for m in (model, a, b, c))
     assert all(np.array_equal(first[k], again[k]) for k in first)
@@ -149,7 +150,7 @@ def test_randomization_is_seeded_and_keeps_the_weight_scale():
     assert first["c2/w"].std() == pytest.approx(trained["c2/w"].std() * 0.88, rel=0.15)
     assert np.abs(first["c2/w"]).max() <= 2 * trained["c2/w"].std() + 1e-6
     assert not first["c1/b"].any()
-    he = sanity.randomize_proto(model, layers[-1:], seed=0, distribution="he", indices=[3])
+    he = randomize.randomize_proto(model, layers[-1:], seed=0, distribution="he", indices=[3])
     drawn = numpy_helper.to_array(next(t for t in he.graph.initializer if t.name == "c1/w"))
     assert drawn.std() == pytest.approx(np.sqrt(2 / 27) * 0.88, rel=0.2)
 
@@ -162,10 +163,10 @@ def test_swapping_initializers_equals_rebuilding_the_gradient_graph(tmp_path, ma
     explainer = Explainer(path, cache_dir=tmp_path / "cache")
     size = explainer.input_size
     pixels = explainer.pixels([np.random.default_rng(2).integers(0, 256, (*size, 3), np.uint8)])
-    layers = sanity.parameter_layers(model, grouping="node")
-    randomized = sanity.randomize_proto(model, layers, seed=7)
-    swapped = sanity.randomized_engine(explainer.engine, randomized, "t", swap=True)
-    rebuilt = sanity.randomized_engine(explainer.engine, randomized, "t", swap=False)
+    layers = randomize.parameter_layers(model, grouping="node")
+    randomized = randomize.randomize_proto(model, layers, seed=7)
+    swapped = randomize.randomized_engine(explainer.engine, randomized, "t", swap=True)
+    rebuilt = randomize.randomized_engine(explainer.engine, randomized, "t", swap=False)
     original, _, _ = explainer.engine.gradient(pixels, [1], score="logit")
     for method in methods:
         rule = {"gradient": "vanilla", "guided-backprop": "guided"}[method]

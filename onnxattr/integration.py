@@ -7,7 +7,7 @@ Integrated gradients (Sundararajan et al. 2017) attributes S(I) - S(I0) to the p
 
 where I0 is the baseline. This module holds the three ingredients; `methods.py` runs them.
 
-Integration rules: `RULES` maps a name to a function `steps -> (alphas, weights)` on [0, 1]
+Integration rules: `INTEGRATION_RULES` maps a name to a function `steps -> (alphas, weights)` on [0, 1]
 (weights sum to 1). The default is `gausslegendre`, as in Captum: an n-point Gauss-Legendre
 rule integrates polynomials of degree 2n - 1 exactly, so on a smooth integrand its error falls
 far faster with n than the Riemann sums' (O(1/n) for left/right, O(1/n^2) for middle and
@@ -32,11 +32,14 @@ from PIL import Image
 
 from .errors import OnnxAttrError
 from .image import load_image, to_pixels
+from .model import PIXEL_RANGE
 
 DEFAULT_STEPS = 50
 DEFAULT_RULE = "gausslegendre"
 BLUR_SIGMA_FRACTION = 0.1
-PIXEL_RANGE = (0.0, 255.0)  # the onnxattr input contract, when the model states none
+# The largest constant baseline accepted: far outside 0..255 already, and far from float32's
+# overflow, so the path images and the model's activations stay finite.
+MAX_BASELINE = 1e6
 
 
 # --- integration rules -------------------------------------------------------------------------
@@ -60,7 +63,7 @@ def _gauss_legendre(steps):
     return (nodes + 1) / 2, weights / 2
 
 
-RULES = {
+INTEGRATION_RULES = {
     "riemann_left": _riemann(0.0),
     "riemann_right": _riemann(1.0),
     "riemann_middle": _riemann(0.5),
@@ -71,20 +74,15 @@ RULES = {
 
 def integration_rule(rule=DEFAULT_RULE, steps=DEFAULT_STEPS):
     """(alphas, weights) float64 [steps] of `rule`, after checking the rule and the step count."""
-    if not isinstance(rule, str) or rule not in RULES:
-        raise OnnxAttrError(f"unknown integration rule {rule!r} (choose from {', '.join(RULES)})")
+    if not isinstance(rule, str) or rule not in INTEGRATION_RULES:
+        raise OnnxAttrError(f"unknown integration rule {rule!r} (choose from "
+                            f"{', '.join(INTEGRATION_RULES)})")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise OnnxAttrError(f"steps must be a whole number of at least 2, got {steps!r}")
-    return RULES[rule](int(steps))
+    return INTEGRATION_RULES[rule](int(steps))
 
 
 # --- baselines ---------------------------------------------------------------------------------
-
-
-def value_range(classifier):
-    """(low, high) of the model's pixel contract (0..255 unless its metadata says otherwise)."""
-    low, high = classifier.contract.get("range", PIXEL_RANGE)
-    return float(low), float(high)
 
 
 def gaussian_blur(pixels, sigma):
@@ -158,8 +156,9 @@ def _number(value):
         except ValueError:
             return None
     if isinstance(value, (int, float, np.integer, np.floating)):
-        if not np.isfinite(value):
-            raise OnnxAttrError(f"baseline value must be finite, got {value!r}")
+        if not np.isfinite(value) or abs(value) > MAX_BASELINE:
+            raise OnnxAttrError(f"baseline {value!r} is not a finite pixel value within "
+                                f"±{MAX_BASELINE:g} (pixels are 0..255)")
         return float(value)
     return None
 

@@ -3,7 +3,7 @@
 The gradient builder of onnxruntime-training emits training-only ops (com.microsoft ConvGrad,
 ReluGrad, SoftmaxGrad_13, Scale, GatherGrad, the onnx-domain MaxPoolGrad that only the
 training build registers). `lower_graph` replaces each of them by standard ai.onnx ops, one rule
-per op in `LOWERINGS` (found by op type, as onnx's reference evaluator finds its kernels):
+per op in `LOWERING_RULES` (found by op type, as onnx's reference evaluator finds its kernels):
 
     ConvGrad(dY, X, W)        dX = ConvTranspose(dY, W) with the forward strides, pads,
                               dilations, group and the output_padding that restores X's size
@@ -18,45 +18,32 @@ per op in `LOWERINGS` (found by op type, as onnx's reference evaluator finds its
 
 Only the outputs the graph uses are lowered (ConvGrad's dW and dB are requested by the builder
 but unused here); a used output without a rule, or an op without a rule, is an OnnxAttrError
-naming it. `compile_model` turns a classifier into one self-contained attribution model
-(inputs `image`, `target`; outputs `prob` or `logits`, and `attribution`) that stock
-onnxruntime, onnxruntime-gpu or onnxruntime-node run without the training build.
+naming it. Shapes come from shape inference with constant propagation (graph.infer_shapes), so
+the forward tensors of models whose reshapes are computed in the graph (ShuffleNet's channel
+shuffle) still have static spatial sizes.
 """
 
-import json
-import time
-from dataclasses import replace
-from pathlib import Path
-
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import __version__
 from .errors import OnnxAttrError
-from .files import atomic_path
-from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, default_opset, load_model
-from .prepare import LOGITS, ONEHOT, PROB, GraphEditor
+from .graph import (
+    MAX_IR_VERSION,
+    MIN_OPSET,
+    GraphEditor,
+    attributes,
+    copy_model,
+    default_opset,
+    is_standard,
+    prune,
+)
 
-TARGET_OPSET = 17  # ScatterElements with reduction="add" needs >= 16; stock runtimes all run 17
-MAX_IR_VERSION = 10
-STANDARD_DOMAINS = ("", "ai.onnx")
-IMAGE, TARGET, ATTRIBUTION = "image", "target", "attribution"
-LOGIT = "logit"
-# method name (methods.METHODS) -> ReLU backward rule of the engine (rewrite.RULES)
-METHOD_RULES = {"gradient": "vanilla", "guided-backprop": "guided",
-                "zeiler-fergus": "zeiler-fergus"}
-SCORE_OUTPUTS = {PROB: PROB, LOGIT: LOGITS}
-
-
-# --- the lowering rules --------------------------------------------------------------------------
 
 class Lowering:
     """What a rule sees: the graph editor, static shapes, producers, and which tensors are used."""
 
     def __init__(self, model):
-        self.editor = GraphEditor(model.graph, model.opset_import)
-        self.producers = {o: n for n in model.graph.node for o in n.output if o}
+        self.editor = GraphEditor(model)
         self.used = {i for n in model.graph.node for i in n.input} | {
             o.name for o in model.graph.output}
         self._consts = {}
@@ -65,12 +52,16 @@ class Lowering:
         """The inferred shape of `name`: a list of ints or None per dim; None if unknown."""
         return self.editor.inferred_shape(name)
 
+    def producer(self, name):
+        return self.editor.producer(name)
+
     def spatial(self, name, node, what):
         """Static spatial dims (all but N, C) of `name`, or an error naming the node."""
         shape = self.shape(name)
         if not shape or len(shape) < 3 or any(d is None for d in shape[2:]):
             raise OnnxAttrError(f"cannot lower {node.op_type} node '{node.name}': the {what} "
-                                f"'{name}' has no static spatial shape")
+                                f"'{name}' has no static spatial shape (shape inference cannot "
+                                "follow the model's reshapes; use --builder native)")
         return shape[2:]
 
     def const(self, base, array):
@@ -91,18 +82,10 @@ class Lowering:
         return bool(name) and name in self.used
 
 
-def _attrs(node):
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _explicit_pads(node, attrs, size, kernel, strides, dilations):
     """The forward op's begin+end pads, auto_pad resolved against the static input size."""
     rank = len(kernel)
-    auto_pad = _text(attrs.get("auto_pad", "NOTSET"))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
         return list(attrs.get("pads", [0] * 2 * rank))
     if auto_pad == "VALID":
@@ -133,7 +116,7 @@ def lower_conv_grad(low, node):
     dx = node.output[0]
     if not low.needed(dx):
         return []
-    attrs = _attrs(node)
+    attrs = attributes(node)
     size = low.spatial(x, node, "input")
     weight_shape = low.shape(w)
     kernel = list(attrs.get("kernel_shape") or (weight_shape or [None, None])[2:])
@@ -170,11 +153,11 @@ def lower_max_pool_grad(low, node):
     windows that pick the same cell add up, as MaxPoolGrad does.
     """
     dy, indices = node.input[:2]
-    pool = low.producers.get(indices)
+    pool = low.producer(indices)
     if pool is None or pool.op_type != "MaxPool" or list(pool.output[1:2]) != [indices]:
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': its Indices do not "
                             "come from a forward MaxPool")
-    if _attrs(pool).get("storage_order", 0) != 0:
+    if attributes(pool).get("storage_order", 0) != 0:
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': MaxPool "
                             f"'{pool.name}' has storage_order 1")
     x = pool.input[0]
@@ -207,13 +190,13 @@ def _softmax_grad(low, node, dy, y, dx, axis):
 def lower_softmax_grad_13(low, node):
     """dX = Y * (dY - sum(dY * Y, axis))."""
     dy, y = node.input[:2]
-    return _softmax_grad(low, node, dy, y, node.output[0], _attrs(node).get("axis", -1))
+    return _softmax_grad(low, node, dy, y, node.output[0], attributes(node).get("axis", -1))
 
 
 def lower_softmax_grad(low, node):
     """Opset < 13 semantics: the softmax ran over all axes from `axis` on (coerced to 2-D)."""
     dy, y = node.input[:2]
-    axis = _attrs(node).get("axis", 1)
+    axis = attributes(node).get("axis", 1)
     t = {k: low.tmp(node, k) for k in ("dy2d", "y2d", "dx2d", "shape")}
     return [low.make("Flatten", [dy], [t["dy2d"]], node, axis=axis),
             low.make("Flatten", [y], [t["y2d"]], node, axis=axis),
@@ -225,8 +208,8 @@ def lower_softmax_grad(low, node):
 def lower_log_softmax_grad_13(low, node):
     """dX = dY - exp(Y) * sum(dY, axis)."""
     dy, y = node.input[:2]
-    axes = low.const(f"axis{_attrs(node).get('axis', -1)}",
-                     np.array([_attrs(node).get("axis", -1)], np.int64))
+    axes = low.const(f"axis{attributes(node).get('axis', -1)}",
+                     np.array([attributes(node).get("axis", -1)], np.int64))
     t = {k: low.tmp(node, k) for k in ("sum", "prob", "scaled")}
     return [low.make("ReduceSum", [dy, axes], [t["sum"]], node, keepdims=1),
             low.make("Exp", [y], [t["prob"]], node),
@@ -238,7 +221,7 @@ def lower_scale(low, node):
     """X * scale, or X / scale with scale_down (the scale may be an integer tensor)."""
     x, scale = node.input[:2]
     as_float = low.tmp(node, "scale")
-    op = "Div" if _attrs(node).get("scale_down", 0) else "Mul"
+    op = "Div" if attributes(node).get("scale_down", 0) else "Mul"
     return [low.make("Cast", [scale], [as_float], node, to=TensorProto.FLOAT),
             low.make(op, [x, as_float], [node.output[0]], node)]
 
@@ -251,7 +234,7 @@ def lower_gather_grad(low, node):
     ScatterElements(reduction "add") accumulates repeated indices.
     """
     shape, indices, dy = node.input[:3]
-    axis = _attrs(node).get("axis", 0)
+    axis = attributes(node).get("axis", 0)
     rank = (low.shape(shape) or [None])[0]
     if rank is None:
         raise OnnxAttrError(f"cannot lower GatherGrad node '{node.name}': unknown input rank")
@@ -291,7 +274,16 @@ def lower_gather_grad(low, node):
     ]
 
 
-LOWERINGS = {
+def lower_sigmoid_grad(low, node):
+    """dX = dY * Y * (1 - Y)."""
+    dy, y = node.input[:2]
+    t = {k: low.tmp(node, k) for k in ("complement", "slope")}
+    return [low.make("Sub", [low.const("one", np.float32(1)), y], [t["complement"]], node),
+            low.make("Mul", [y, t["complement"]], [t["slope"]], node),
+            low.make("Mul", [dy, t["slope"]], [node.output[0]], node)]
+
+
+LOWERING_RULES = {
     "ConvGrad": lower_conv_grad,
     "ReluGrad": lower_relu_grad,
     "MaxPoolGrad": lower_max_pool_grad,
@@ -300,36 +292,31 @@ LOWERINGS = {
     "LogSoftmaxGrad_13": lower_log_softmax_grad_13,
     "Scale": lower_scale,
     "GatherGrad": lower_gather_grad,
+    "SigmoidGrad": lower_sigmoid_grad,
 }
 
 
-def is_standard(node):
-    """Whether `node` is a standard ONNX op (an ai.onnx op with a schema in onnx)."""
-    return node.domain in STANDARD_DOMAINS and onnx.defs.has(node.op_type)
-
-
-def lower_graph(model, opset=TARGET_OPSET):
+def lower_graph(model, opset=MIN_OPSET):
     """A copy of `model` with every non-standard op replaced by standard ai.onnx ops.
 
     Unused nodes, initializers and inputs are removed; the result imports only the default
     domain at `opset` (the model's own default opset when higher) and IR version <= 10.
     """
-    lowered = onnx.ModelProto()
-    lowered.CopyFrom(model)
+    lowered = copy_model(model)
     low = Lowering(lowered)
     nodes = []
     for node in lowered.graph.node:
         if is_standard(node):
             nodes.append(node)
             continue
-        rule = LOWERINGS.get(node.op_type)
+        rule = LOWERING_RULES.get(node.op_type)
         if rule is None:
             raise OnnxAttrError(f"no lowering rule for training op {node.domain or 'ai.onnx'}::"
                                 f"{node.op_type} (node '{node.name}'): cannot make a portable "
-                                f"model (rules exist for {', '.join(sorted(LOWERINGS))})")
+                                f"model (rules exist for {', '.join(sorted(LOWERING_RULES))}); "
+                                "use --builder native")
         nodes.extend(rule(low, node))
-    del lowered.graph.node[:]
-    lowered.graph.node.extend(nodes)
+    low.editor.set_nodes(nodes)
     prune(lowered)
     own = default_opset(model) or opset
     del lowered.opset_import[:]
@@ -339,135 +326,3 @@ def lower_graph(model, opset=TARGET_OPSET):
         node.domain = ""
     del lowered.graph.value_info[:]
     return lowered
-
-
-def prune(model):
-    """Remove nodes, initializers and inputs that no graph output depends on (in place)."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(inputs)
-
-
-# --- compiled attribution models -----------------------------------------------------------------
-
-def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=None):
-    """A portable attribution model of the classifier at path `model` for `method` and `score`.
-
-    Inputs `image` (float32 [N, C, H, W], the source model's pixel contract) and `target`
-    (int64 [N], class index); outputs `prob` (or `logits` for score "logit") and `attribution`
-    (float32 [N, C, H, W]). Standard ai.onnx ops only; labels, input contract, method and score
-    are in its metadata. Written atomically to `output` when given; returns the ModelProto.
-    """
-    from .engine import AttributionEngine
-    from .gradient import GraphCache
-
-    if method not in METHOD_RULES:
-        raise OnnxAttrError(f"method '{method}' cannot be compiled (choose from "
-                            f"{', '.join(METHOD_RULES)}; integrated-gradients and smoothgrad run "
-                            "on a compiled gradient model)")
-    if score not in SCORE_OUTPUTS:
-        raise OnnxAttrError(f"unknown score '{score}' (choose prob or logit)")
-    classifier = load_model(model)
-    if classifier.compiled:
-        raise OnnxAttrError(f"{model} is already a compiled attribution model "
-                            f"(method {classifier.compiled['method']})")
-    classifier = _at_least_opset(classifier, TARGET_OPSET)
-    engine = AttributionEngine(classifier, cache=GraphCache(cache_dir))
-    graph = engine.gradient_graph(METHOD_RULES[method], score)
-    compiled = _attribution_model(lower_graph(graph), classifier, method, score)
-    if output is not None:
-        with atomic_path(output) as tmp:
-            onnx.save(compiled, tmp)
-    return compiled
-
-
-def _at_least_opset(classifier, opset):
-    """The classifier converted to default-domain `opset` if it uses an older one."""
-    if (classifier.opset or opset) >= opset:
-        return classifier
-    try:
-        from onnx import version_converter
-        converted = version_converter.convert_version(classifier.proto, opset)
-    except Exception as err:
-        raise OnnxAttrError(f"cannot convert the model from opset {classifier.opset} to {opset}: "
-                            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}"
-                            ) from None
-    return replace(classifier, proto=converted, digest=f"{classifier.digest}@opset{opset}")
-
-
-def _attribution_model(lowered, classifier, method, score):
-    """Rename the lowered gradient graph's interface to image, target -> class, attribution."""
-    graph = lowered.graph
-    source_input = classifier.input_name
-    gradient = f"{source_input}_grad"
-    taken = {n for node in graph.node for n in (*node.input, *node.output)}
-    for name in (TARGET, ATTRIBUTION) + ((IMAGE,) if source_input != IMAGE else ()):
-        if name in taken:
-            raise OnnxAttrError(f"cannot compile: the model already has a tensor named '{name}'")
-    if source_input != IMAGE:
-        for node in graph.node:
-            node.input[:] = [IMAGE if i == source_input else i for i in node.input]
-    editor = GraphEditor(graph)
-    depth = editor.constant("target/depth", np.array([classifier.num_classes], np.int64))
-    values = editor.constant("target/values", np.array([0.0, 1.0], np.float32))
-    class_output = SCORE_OUTPUTS[score]
-    front = [editor.node("OneHot", [TARGET, depth, values], [ONEHOT], "target/onehot", axis=-1)]
-    graph.node.insert(0, front[0])
-    graph.node.append(editor.node("Identity", [gradient], [ATTRIBUTION], "attribution"))
-    batch = "N"
-    del graph.input[:]
-    graph.input.extend([
-        helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, [batch, classifier.channels,
-                                                                 classifier.height,
-                                                                 classifier.width]),
-        helper.make_tensor_value_info(TARGET, TensorProto.INT64, [batch])])
-    del graph.output[:]
-    graph.output.extend([
-        helper.make_tensor_value_info(class_output, TensorProto.FLOAT,
-                                      [batch, classifier.num_classes]),
-        helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT,
-                                      [batch, classifier.channels, classifier.height,
-                                       classifier.width])])
-    prune(lowered)
-    graph.name = f"onnxattr {method} ({score})"
-    lowered.producer_name, lowered.producer_version = "onnxattr", __version__
-    metadata = {LABELS_KEY: json.dumps(classifier.labels),
-                CONTRACT_KEY: json.dumps(classifier.contract),
-                METHOD_KEY: method, SCORE_KEY: score}
-    del lowered.metadata_props[:]
-    for key, value in metadata.items():
-        lowered.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(lowered)
-    return lowered
-
-
-def compile_stats(model, method="gradient", score=PROB, output=None, cache_dir=None):
-    """compile_model, timed: (seconds, bytes written or serialized size)."""
-    start = time.perf_counter()
-    compiled = compile_model(model, method, score, output, cache_dir)
-    seconds = time.perf_counter() - start
-    size = Path(output).stat().st_size if output else compiled.ByteSize()
-    return seconds, size
-
-
-def forward_part(compiled):
-    """The class-output half of a compiled model: input `image` only, output prob or logits."""
-    forward = onnx.ModelProto()
-    forward.CopyFrom(compiled)
-    outputs = [o for o in forward.graph.output if o.name != ATTRIBUTION]
-    del forward.graph.output[:]
-    forward.graph.output.extend(outputs)
-    prune(forward)
-    return forward

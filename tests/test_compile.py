@@ -1,5 +1,5 @@
-"""Portable attribution models (onnxattr.lower): every lowering rule against the training build's
-kernel on tiny graphs, and compiled GoogLeNet and residual-network models run on STOCK
+"""Portable attribution models: every lowering rule (onnxattr.lowering) against the training
+build's kernel on tiny graphs, and compiled GoogLeNet and residual-network models run on STOCK
 onnxruntime (the latest release from PyPI, in a virtual environment made once per checkout)
 against the training-build gradient graphs."""
 
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError
-from onnxattr.lower import LOWERINGS, compile_model, lower_graph
+from onnxattr.compile import compile_model
+from onnxattr.lowering import LOWERING_RULES, lower_graph
 from onnxattr.model import METHOD_KEY, SCORE_KEY, load_model
 
 onnxruntime.set_default_logger_severity(3)
 
 REPO = Path(__file__).resolve().parents[1]
-STOCK_VENV = REPO / ".pytest_cache" / "stock-ort-venv"
-STOCK_PACKAGES = ["onnxruntime", "numpy"]
-RUNTIME_PACKAGES = ["onnx", "pillow", "matplotlib"]  # onnxattr's own imports, minus training ORT
 METHOD_RULES = {"gradient": "vanilla", "guided-backprop": "guided",
                 "zeiler-fergus": "zeiler-fergus"}
 TOLERANCE = 1e-5  # relative L2, compiled model on stock onnxruntime vs the training build
@@ -57,7 +54,7 @@ def check_lowering(model, feeds, output="dX", rtol=1e-6):
     """The lowered model: only standard ops, and the same output as the training kernel."""
     lowered = lower_graph(model)
     assert {(n.domain, n.op_type) for n in lowered.graph.node if n.domain or n.op_type in
-            LOWERINGS} == set()
+            LOWERING_RULES} == set()
     assert [(o.domain, o.version) for o in lowered.opset_import] == [("", 17)]
     want = run(model, feeds, [output])[0]
     inputs = {i.name for i in lowered.graph.input}  # unused inputs are pruned
@@ -204,38 +201,29 @@ def test_gather_grad(axis, indices):
     check_lowering(model, {"dY": dy})
 
 
-def test_op_without_rule_is_named():
+def test_sigmoid_grad():
+    """EfficientNet and RegNet (SiLU, squeeze-excitation) could not compile without it."""
     node = helper.make_node("SigmoidGrad", ["dY", "Y"], ["dX"], name="sigmoid_grad",
+                            domain="com.microsoft")
+    model = op_model([node], [("dY", TensorProto.FLOAT, [2, 5]), ("Y", TensorProto.FLOAT, [2, 5])],
+                     [("dX", TensorProto.FLOAT, None)])
+    rng = np.random.default_rng(6)
+    y = 1 / (1 + np.exp(-rng.standard_normal((2, 5)))).astype(np.float32)
+    check_lowering(model, {"dY": rng.standard_normal((2, 5)).astype(np.float32), "Y": y},
+                   rtol=1e-6)
+
+
+def test_op_without_rule_is_named():
+    node = helper.make_node("TanhGrad", ["dY", "Y"], ["dX"], name="tanh_grad",
                             domain="com.microsoft")
     model = op_model([node], [("dY", TensorProto.FLOAT, [2]), ("Y", TensorProto.FLOAT, [2])],
                      [("dX", TensorProto.FLOAT, None)])
     with pytest.raises(OnnxAttrError, match=r"no lowering rule for training op "
-                                            r"com\.microsoft::SigmoidGrad \(node 'sigmoid_grad'\)"):
+                                            r"com\.microsoft::TanhGrad \(node 'tanh_grad'\)"):
         lower_graph(model)
 
 
 # --- 2. compiled models on stock onnxruntime ------------------------------------------------------
-
-def _pip(python, *args):
-    return subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           *args], capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="session")
-def stock_python():
-    """Python of a virtual environment with the latest stock onnxruntime from PyPI (made once,
-    kept in .pytest_cache); skips when pip cannot install it."""
-    python = STOCK_VENV / "bin" / "python"
-    marker = STOCK_VENV / "installed.txt"
-    if not marker.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(STOCK_VENV)
-        done = _pip(python, *STOCK_PACKAGES)
-        if done.returncode:
-            pytest.skip(f"pip cannot install {' '.join(STOCK_PACKAGES)}: "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-        marker.write_text("\n".join(STOCK_PACKAGES))
-    return python
-
 
 STOCK_RUNNER = textwrap.dedent("""
     import json, sys
@@ -305,9 +293,13 @@ def tiny_resnet(tmp_path_factory):
 def test_compiled_models_match_training_build_on_stock_onnxruntime(network, request, stock_python,
                                                                     tmp_path):
     source, trained, folder, cache = request.getfixturevalue(network)
-    size = trained.input_size
-    pixels = np.random.default_rng(6).uniform(0, 255, (2, 3, *size)).astype(np.float32)
-    targets = [1, int(np.argmax(trained.engine.forward(pixels)[0][1]))]
+    # Well-conditioned cases: photos (not noise, whose many near-tied ReLU and MaxPool inputs
+    # flip between two runtimes' float32 kernels: 3e-4 on one noise image, seen here) and each
+    # row's top-1 and top-2 classes (not a class of probability 1e-5: 3.8e-4, seen once).
+    photos = [p for p in request.getfixturevalue("photos") if p.stem in ("chelsea", "raccoon")]
+    pixels = trained.pixels(photos)
+    ranked = np.argsort(-trained.engine.forward(pixels)[0], axis=1)
+    targets = [int(ranked[0, 0]), int(ranked[1, 1])]
     cases = [(m, "prob") for m in METHOD_RULES] + [("gradient", "logit")]
     jobs, wanted = [], []
     for method, score in cases:
@@ -355,41 +347,43 @@ def test_integrated_gradients_through_compiled_model(googlenet):
         compile_model(path, "gradient")
 
 
-def test_compiled_model_on_runtime_only_install(googlenet, stock_python, tmp_path):
-    """onnxattr from the checkout (no install) with stock onnxruntime: an Explainer on a
-    compiled guided-backprop model works, building a graph says it needs the training build."""
-    marker = STOCK_VENV / "runtime-installed.txt"
-    if not marker.exists():
-        done = _pip(stock_python, *RUNTIME_PACKAGES)
-        if done.returncode:
-            pytest.skip(f"pip cannot install {' '.join(RUNTIME_PACKAGES)}")
-        marker.write_text("\n".join(RUNTIME_PACKAGES))
+def test_runtime_only_install(googlenet, stock_python, tmp_path):
+    """onnxattr installed with stock onnxruntime and no training build (Python 3.13 where it is
+    installed): an Explainer on a compiled guided-backprop model works, and a source model is
+    explained through the native builder ("auto" says so once) with the training build's
+    result."""
     source, trained, folder, cache = googlenet
     path = folder / "runtime-guided.onnx"
     compile_model(source, "guided-backprop", "prob", path, cache_dir=cache)
+    photo = str(REPO / "samples" / "chelsea.png")
     script = textwrap.dedent(f"""
-        import sys
+        import sys, warnings
         import numpy as np
-        from onnxattr import Explainer, OnnxAttrError
-        assert "onnxruntime.training" not in sys.modules
-        r = Explainer({str(path)!r}).explain({str(REPO / "samples" / "chelsea.png")!r},
-                                             "guided-backprop")
-        np.save({str(tmp_path / "guided.npy")!r}, r.attribution)
+        import onnxruntime
+        from onnxattr import Explainer
+        from onnxattr.training import has_training_builder
+        assert not has_training_builder() and "torch" not in sys.modules
+        r = Explainer({str(path)!r}).explain({photo!r}, "guided-backprop")
+        np.save({str(tmp_path / "compiled.npy")!r}, r.attribution)
+        source = Explainer({str(source)!r}, cache_dir={str(tmp_path / "cache")!r})
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            s = source.explain({photo!r}, "guided-backprop")
+        np.save({str(tmp_path / "native.npy")!r}, s.attribution)
+        print(sys.version_info[:2], onnxruntime.__version__, len(notes))
         print(r.label)
-        try:
-            Explainer({str(source)!r}, cache_dir={str(tmp_path / "cache")!r}).explain(
-                {str(REPO / "samples" / "chelsea.png")!r})
-        except OnnxAttrError as err:
-            print(err)
+        print(s.label, source.engine.builders_used)
     """)
     done = subprocess.run([str(stock_python), "-c", script], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    label, error = done.stdout.strip().splitlines()[-2:]
+    versions, label, native = done.stdout.strip().splitlines()[-3:]
+    print(f"\nruntime-only install: Python, onnxruntime, notes: {versions}")
     want = trained.explain(REPO / "samples" / "chelsea.png", "guided-backprop")
-    assert label == want.label
-    assert rel_l2(np.load(tmp_path / "guided.npy"), want.attribution) <= TOLERANCE
-    assert "needs onnxruntime-training" in error
+    assert label == want.label and native.startswith(want.label)
+    assert "'native'" in native
+    assert rel_l2(np.load(tmp_path / "compiled.npy"), want.attribution) <= TOLERANCE
+    assert rel_l2(np.load(tmp_path / "native.npy"), want.attribution) <= TOLERANCE
 
 
 def test_compile_command(googlenet, tmp_path):

@@ -1,5 +1,6 @@
-"""Guided backpropagation and Zeiler-Fergus: the rewrite of the builder's ReluGrad nodes
-(onnxattr.rewrite) checked exactly on a one-ReLU graph, against float64 PyTorch with the same
+"""Guided backpropagation and Zeiler-Fergus (onnxattr.relu_rules), through both builders: the
+rewrite of the training builder's ReluGrad nodes (onnxattr.training) and the native builder,
+checked exactly on a one-ReLU graph, against float64 PyTorch with the same
 modified ReLU backward on BVLC GoogLeNet and on a small residual network, and its refusals."""
 
 import copy
@@ -13,12 +14,18 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError
-from onnxattr.gradient import build_gradient_graph, gradient_output
 from onnxattr.model import describe_model
-from onnxattr.prepare import ONEHOT, add_score_head, prepare_forward
+from onnxattr.prepare import (
+    ONEHOT,
+    TRAINING_FIXES,
+    add_score_head,
+    gradient_output,
+    prepare_forward,
+)
 from onnxattr.render import colorize, save_map_figure, save_photo_figure
-from onnxattr.rewrite import rewrite_relu_gradients
 from onnxattr.runtime import make_session
+from onnxattr.training import rewrite_relu_gradients, training_builder_graph
+
 from small_models import SIZE, _weights, classifier, save
 
 onnxruntime.set_default_logger_severity(3)
@@ -101,7 +108,7 @@ def concat_of_relus(seed=0):
 
 def scored(model):
     """The scored forward model the engine differentiates."""
-    return add_score_head(prepare_forward(describe_model(model, "digest")))
+    return add_score_head(prepare_forward(describe_model(model, "digest"), TRAINING_FIXES))
 
 
 def test_one_relu_exact(tmp_path):
@@ -127,7 +134,7 @@ def test_one_relu_exact(tmp_path):
 
 def test_vanilla_rule_reproduces_relugrad():
     scored_model = scored(concat_of_relus())
-    built = build_gradient_graph(scored_model, "image")
+    built = training_builder_graph(scored_model, "image")
     rewritten = rewrite_relu_gradients(built, "vanilla", scored_model)
     assert {n.op_type for n in built.graph.node} >= {"ReluGrad"}
     assert "ReluGrad" not in {n.op_type for n in rewritten.graph.node}
@@ -234,9 +241,9 @@ RECTIFIERS = {
 
 
 @pytest.mark.parametrize("method", ["guided-backprop", "zeiler-fergus"])
-def test_model_without_relu_is_refused(tmp_path, method):
+def test_model_without_relu_is_refused(tmp_path, method, builder):
     path = small_model_path(tmp_path, [helper.make_node("Sigmoid", ["c1"], ["a"], name="sig")])
-    explainer = Explainer(path, cache_dir=tmp_path / "cache")
+    explainer = Explainer(path, cache_dir=tmp_path / "cache", builder=builder)
     with pytest.raises(OnnxAttrError, match="has no Relu between the image and the score"):
         explainer.explain(IMAGE, method)
     assert np.abs(explainer.explain(IMAGE, "gradient").attribution).max() > 0
@@ -246,7 +253,8 @@ def test_model_without_relu_is_refused(tmp_path, method):
 @pytest.mark.parametrize("case", RECTIFIERS)
 def test_other_rectifiers_are_refused(tmp_path, case, method):
     nodes, extra = RECTIFIERS[case]
-    explainer = Explainer(small_model_path(tmp_path, nodes, extra), cache_dir=tmp_path / "cache")
+    explainer = Explainer(small_model_path(tmp_path, nodes, extra), cache_dir=tmp_path / "cache",
+                          builder="onnxruntime")
     op = case.split()[-1]
     with pytest.raises(OnnxAttrError, match=f"{op}") as error:
         explainer.explain(IMAGE, method)
@@ -262,7 +270,8 @@ def test_relus_off_the_gradient_path_are_not_counted(tmp_path):
              helper.make_node("Relu", ["c1"], ["sized"], name="shape_only_relu"),
              helper.make_node("Shape", ["sized"], ["shape"], name="shape"),
              helper.make_node("Reshape", ["r", "shape"], ["a"], name="reshape")]
-    explainer = Explainer(small_model_path(tmp_path, nodes), cache_dir=tmp_path / "cache")
+    explainer = Explainer(small_model_path(tmp_path, nodes), cache_dir=tmp_path / "cache",
+                          builder="onnxruntime")
     guided = explainer.explain(IMAGE, "guided-backprop").attribution
     assert np.abs(guided).max() > 0
     graph = explainer.engine.gradient_graph("guided")
@@ -271,7 +280,7 @@ def test_relus_off_the_gradient_path_are_not_counted(tmp_path):
 
 def test_relugrad_count_mismatch_and_unknown_rule_are_refused():
     one, two = scored(one_relu_model()), scored(concat_of_relus())
-    built = build_gradient_graph(one, "image")
+    built = training_builder_graph(one, "image")
     with pytest.raises(OnnxAttrError, match="1 ReluGrad nodes for 2 Relu nodes"):
         rewrite_relu_gradients(built, "guided", two)
     with pytest.raises(OnnxAttrError, match="unknown ReLU backward rule 'smooth'"):

@@ -1,0 +1,195 @@
+"""Portable attribution models: a classifier and one backward rule compiled into one ONNX file
+of standard ops, and the engine that runs such a file.
+
+`compile_model` turns a classifier into one self-contained attribution model (inputs `image`,
+`target`; outputs `prob` or `logits`, and `attribution`) that stock onnxruntime,
+onnxruntime-gpu or onnxruntime-node run without the training build. The gradient graph comes
+from either builder (the native one's is standard ops already; the training builder's is
+lowered). A source model with a fixed batch size keeps it: the compiled model declares the same
+batch, so a runtime refuses other batch sizes instead of mixing rows.
+"""
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ._version import __version__
+from .builders import GraphCache
+from .engine import AttributionEngine
+from .errors import OnnxAttrError
+from .files import atomic_path
+from .graph import GraphEditor, copy_model, is_standard, prune
+from .lowering import lower_graph
+from .methods import compilable_methods, get_method
+from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
+from .prepare import LOGITS, ONEHOT, PROB, SCORES, check_score, contract_metadata, gradient_output
+from .relu_rules import RELU_RULES, VANILLA
+from .runtime import make_session, run_batched
+
+IMAGE, TARGET, ATTRIBUTION = "image", "target", "attribution"
+
+
+def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=None,
+                  builder="auto"):
+    """A portable attribution model of the classifier at path `model` for `method` and `score`.
+
+    Inputs `image` (float32 [N, C, H, W], RGB pixels 0..255: the source model's pixel contract
+    is built in) and `target` (int64 [N], class index); outputs `prob` (or `logits` for score
+    "logit") and `attribution` (float32 [N, C, H, W]). Standard ai.onnx ops only; labels,
+    input contract, method and score are in its metadata. Written atomically to `output` when
+    given; returns the ModelProto. `model` may also be a ClassifierModel (onnxattr.model).
+    """
+    rule = _compiled_rule(method)
+    check_score(score)
+    classifier = load_model(model) if not hasattr(model, "proto") else model
+    if classifier.compiled:
+        raise OnnxAttrError(f"{model} is already a compiled attribution model "
+                            f"(method {classifier.compiled['method']})")
+    engine = AttributionEngine(classifier, cache=GraphCache(cache_dir), builder=builder)
+    graph = engine.gradient_graph(rule, score)
+    if not all(is_standard(node) for node in graph.graph.node):
+        graph = lower_graph(graph)
+    compiled = _attribution_model(graph, classifier, method, score)
+    if output is not None:
+        with atomic_path(output) as tmp:
+            onnx.save(compiled, tmp)
+    return compiled
+
+
+def _compiled_rule(method):
+    """The ReLU rule a compilable method's graph holds."""
+    choices = compilable_methods()
+    if method not in choices:
+        raise OnnxAttrError(f"method '{method}' cannot be compiled (choose from "
+                            f"{', '.join(choices)}; integrated-gradients, input-x-gradient and "
+                            "the smoothed methods run on a compiled gradient model)")
+    return get_method(method).relu_rule
+
+
+def _attribution_model(gradient_graph, classifier, method, score):
+    """Rename the gradient graph's interface to image, target -> class output, attribution."""
+    model = copy_model(gradient_graph)
+    graph = model.graph
+    source_input = classifier.input_name
+    taken = {n for node in graph.node for n in (*node.input, *node.output)}
+    for name in (TARGET, ATTRIBUTION) + ((IMAGE,) if source_input != IMAGE else ()):
+        if name in taken:
+            raise OnnxAttrError(f"cannot compile: the model already has a tensor named '{name}'")
+    if source_input != IMAGE:
+        for node in graph.node:
+            node.input[:] = [IMAGE if i == source_input else i for i in node.input]
+    editor = GraphEditor(model)
+    depth = editor.constant("target/depth", np.array([classifier.num_classes], np.int64))
+    values = editor.constant("target/values", np.array([0.0, 1.0], np.float32))
+    editor.set_nodes([
+        editor.node("OneHot", [TARGET, depth, values], [ONEHOT], "target/onehot", axis=-1),
+        *graph.node,
+        editor.node("Identity", [gradient_output(source_input)], [ATTRIBUTION], "attribution")])
+    batch = classifier.batch or "N"
+    image_shape = [batch, classifier.channels, classifier.height, classifier.width]
+    del graph.input[:]
+    graph.input.extend([helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, image_shape),
+                        helper.make_tensor_value_info(TARGET, TensorProto.INT64, [batch])])
+    del graph.output[:]
+    graph.output.extend([
+        helper.make_tensor_value_info(SCORES[score], TensorProto.FLOAT,
+                                      [batch, classifier.num_classes]),
+        helper.make_tensor_value_info(ATTRIBUTION, TensorProto.FLOAT, image_shape)])
+    prune(model)
+    graph.name = f"onnxattr {method} ({score})"
+    model.producer_name, model.producer_version = "onnxattr", __version__
+    metadata = {LABELS_KEY: json.dumps(classifier.labels),
+                CONTRACT_KEY: contract_metadata(classifier.contract),
+                METHOD_KEY: method, SCORE_KEY: score}
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    return model
+
+
+def forward_part(compiled):
+    """The class-output half of a compiled model: input `image` only, output prob or logits."""
+    forward = copy_model(compiled)
+    outputs = [o for o in forward.graph.output if o.name != ATTRIBUTION]
+    del forward.graph.output[:]
+    forward.graph.output.extend(outputs)
+    prune(forward)
+    return forward
+
+
+class CompiledEngine:
+    """Runs a compiled attribution model (`onnxattr compile`) on any onnxruntime.
+
+    The model holds one backward rule and one score (its metadata says which); asking for
+    another is an OnnxAttrError naming the compiled method. No gradient graph is built, so
+    onnxruntime-training is not needed. A model compiled for the probability computes no
+    logits: `forward` and `gradient` return log-probabilities in their place (the logits up to
+    a per-row constant); one compiled for the logit returns softmax(logits) as probabilities.
+    """
+
+    def __init__(self, classifier, device="cpu", threads=None, precision="float32"):
+        self.classifier = classifier
+        self.device = device
+        self.threads = threads
+        self.precision = precision
+        self.method = classifier.compiled["method"]
+        self.score = classifier.compiled["score"]
+        self.rule = get_method(self.method).relu_rule if self.method in compilable_methods() \
+            else None
+        self._class_output = PROB if classifier.prob_output else LOGITS
+        self._session = None
+        self._forward_session = None
+
+    def _both(self, values):
+        """(prob, logits) from the model's one class output."""
+        values = values.astype(np.float32, copy=False)
+        if self._class_output == PROB:
+            with np.errstate(divide="ignore"):
+                return values, np.log(values)
+        shifted = np.exp(values - values.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True), values
+
+    def _run(self, session, feeds, outputs, batch_size):
+        return run_batched(session, feeds, outputs, batch_size, self.classifier.batch,
+                           pad_last=self.device == "cuda")
+
+    def _make_session(self, model):
+        return make_session(model, self.device, self.threads, self.precision)
+
+    def forward(self, pixels, batch_size=None):
+        """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""
+        if self._forward_session is None:
+            self._forward_session = self._make_session(forward_part(self.classifier.proto))
+        (values,) = self._run(self._forward_session,
+                              {IMAGE: pixels.astype(np.float32, copy=False)},
+                              [self._class_output], batch_size)
+        return self._both(values)
+
+    def gradient_graph(self, rule=VANILLA, score=PROB):
+        raise OnnxAttrError("a compiled attribution model has no gradient graph to build; "
+                            "it is one already")
+
+    def check(self, rule, score):
+        """Refuse a backward rule or score the model was not compiled for."""
+        if rule != self.rule:
+            wanted = RELU_RULES[rule].method if rule in RELU_RULES else rule
+            raise OnnxAttrError(f"this model is compiled for method '{self.method}' only; "
+                                f"'{wanted}' needs a model compiled for it (onnxattr compile "
+                                f"--method {wanted}) or the source model")
+        if score != self.score:
+            raise OnnxAttrError(f"this model is compiled for score '{self.score}' only (asked "
+                                f"for '{score}'; compile with --score {score})")
+
+    def gradient(self, pixels, targets, rule=VANILLA, score=PROB, batch_size=None):
+        """The compiled method's attribution for every row n; returns (attribution, prob, logits)."""
+        self.check(rule, score)
+        if self._session is None:
+            self._session = self._make_session(self.classifier.proto)
+        feeds = {IMAGE: pixels.astype(np.float32, copy=False),
+                 TARGET: np.asarray(targets, np.int64).reshape(len(pixels))}
+        attribution, values = self._run(self._session, feeds,
+                                        [ATTRIBUTION, self._class_output], batch_size)
+        return (attribution, *self._both(values))

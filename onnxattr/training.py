@@ -1,0 +1,139 @@
+"""Gradient graphs from onnxruntime-training's GradientGraphBuilder (the training build), each
+ReluGrad node replaced by the chosen ReLU backward rule.
+
+The builder emits one `com.microsoft::ReluGrad(dY, T)` per forward Relu on the path from the
+image to the score, where T is the Relu's output or its input (either: X > 0 exactly where
+Y > 0). `rewrite_relu_gradients` replaces each of them by `relu_rules.RELU_RULES[rule]` in
+standard ops, and refuses rather than return a partly modified gradient under a modified label:
+every Relu on the path must have exactly one ReluGrad (any fusion would show as a count
+mismatch). With a modified rule, another rectifier on the path (the builder's gradients of
+Clip, LeakyRelu, ... are not ours to modify) or no Relu at all is refused; the native builder
+(onnxattr.autodiff) also gates ReLU6.
+
+The result still holds training ops (ConvGrad, MaxPoolGrad, ...): onnxattr.lowering turns them
+into standard ops.
+"""
+
+import re
+
+import onnx
+
+from .errors import OnnxAttrError
+from .graph import Emitter, GraphEditor, copy_model, default_opset
+from .prepare import ONEHOT, SCORE
+from .relu_rules import VANILLA, relu_rule, zero_like
+from .runtime import onnxruntime
+
+MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
+OTHER_RECTIFIERS = frozenset({"LeakyRelu", "PRelu", "Clip", "ThresholdedRelu", "Elu", "Selu",
+                              "Celu", "Gelu", "HardSwish", "Softplus", "Mish"})
+NO_GRADIENT = frozenset({"Shape", "Size"})  # ops whose output carries no gradient to their input
+_UNSUPPORTED = re.compile(r"not been registered: (\S+) for node (.*)")
+
+
+def has_training_builder():
+    """Whether this onnxruntime is the training build (it has the GradientGraphBuilder)."""
+    return hasattr(onnxruntime.capi._pybind_state, "GradientGraphBuilder")
+
+
+def build_training_gradient(scored, wrt, rule=VANILLA, output=SCORE):
+    """The training builder's graph of d `output` / d `wrt` (a graph input of `scored`), with
+    `rule` at every ReLU. Keeps every output of `scored` and adds `<wrt>_grad`."""
+    relu_rule(rule)  # an unknown rule fails before the build
+    return rewrite_relu_gradients(training_builder_graph(scored, wrt, output), rule, scored)
+
+
+def training_builder_graph(scored, wrt, output=SCORE):
+    """The GradientGraphBuilder's own graph of d `output` / d `wrt` (ReluGrad nodes as built)."""
+    if not has_training_builder():
+        raise OnnxAttrError("the onnxruntime builder needs onnxruntime-training (pip install "
+                            "onnxruntime-training-cpu, Python <= 3.12); use the native builder")
+    if default_opset(scored) > MAX_OPSET:
+        raise OnnxAttrError(f"model uses opset {default_opset(scored)}; onnxruntime-training "
+                            f"supports at most {MAX_OPSET} (use the native builder)")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        builder = onnxruntime.capi._pybind_state.GradientGraphBuilder(
+            onnx.shape_inference.infer_shapes(scored).SerializeToString(), {output}, {wrt},
+            output, options)
+        builder.build()
+        graph = onnx.load_from_string(builder.get_model())
+    except RuntimeError as err:
+        raise OnnxAttrError(_builder_error(str(err))) from None
+    outputs = {o.name for o in graph.graph.output}
+    graph.graph.output.extend(o for o in scored.graph.output if o.name not in outputs)
+    return graph
+
+
+def _builder_error(message):
+    unsupported = _UNSUPPORTED.search(message)
+    if unsupported:
+        op, node = unsupported.group(1), unsupported.group(2).strip() or "(unnamed)"
+        return (f"onnxruntime-training cannot differentiate op {op} (node '{node}'); "
+                "use --builder native, replace it in the model, or file an issue")
+    last_line = message.strip().splitlines()[-1] if message.strip() else "unknown error"
+    return f"onnxruntime-training's gradient builder failed: {last_line[-300:]}"
+
+
+def score_path(forward):
+    """The nodes of `forward` on a path from its image input to its `score` output, in order."""
+    graph = forward.graph
+    initializers = {t.name for t in graph.initializer}
+    reached = {i.name for i in graph.input} - initializers - {ONEHOT}
+    downstream = []
+    for node in graph.node:  # topological order: one pass finds everything fed by the image
+        if reached.intersection(node.input):
+            reached.update(node.output)
+            downstream.append(node)
+    needed, path = {SCORE}, []
+    for node in reversed(downstream):
+        if needed.intersection(node.output):
+            path.append(node)
+            if node.op_type not in NO_GRADIENT:
+                needed.update(node.input)
+    return path[::-1]
+
+
+def rewrite_relu_gradients(gradient_graph, rule, forward):
+    """A copy of `gradient_graph` whose ReluGrad nodes compute `rule`'s dX instead.
+
+    `forward` is the scored forward model the gradient graph was built from; it fixes how many
+    ReluGrad nodes there must be. Raises OnnxAttrError on an unknown rule, a count mismatch,
+    and, for the modified rules, a model without Relu or with another rectifier on the path.
+    """
+    backward = relu_rule(rule)
+    path = score_path(forward)
+    expected = sum(node.op_type == "Relu" for node in path)
+    if rule != VANILLA:
+        _check_rectifiers(path, rule, expected)
+    model = copy_model(gradient_graph)
+    em = Emitter(GraphEditor(model), "relu_rule/")
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "ReluGrad" and node.domain == "com.microsoft":
+            dy, t = node.input
+            active = em.op("Greater", t, em.const(zero_like(em, t)))
+            backward(em, dy, active, out=node.output[0])
+            count += 1
+        else:
+            em.nodes.append(node)
+    if count != expected:
+        raise OnnxAttrError(f"the gradient graph has {count} ReluGrad nodes for {expected} Relu "
+                            f"nodes between the image and the score; cannot apply the '{rule}' "
+                            "rule to every ReLU")
+    em.editor.set_nodes(em.nodes)
+    return model
+
+
+def _check_rectifiers(path, rule, relus):
+    others = [node for node in path if node.op_type in OTHER_RECTIFIERS]
+    if others:
+        found = ", ".join(f"{n.op_type} '{n.name}'" for n in others[:3])
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise OnnxAttrError(f"the '{rule}' ReLU backward rule is defined for Relu only here; "
+                            f"the model has {found}{more} between the image and the score (use "
+                            "the plain gradient, or --builder native, which also gates ReLU6)")
+    if relus == 0:
+        raise OnnxAttrError(f"the model has no Relu between the image and the score, so the "
+                            f"'{rule}' ReLU backward rule does not apply (use the plain gradient)")
