@@ -237,6 +237,8 @@ def clip(g):
         high = g.attr("max")
         low = g.scalar(low, y) if low is not None else ""
         high = g.scalar(high, y) if high is not None else ""
+    # a bound of another float type (onnx's version converter writes float32 ones) is cast
+    low, high = [g.cast_like(b, y) if b and g.dtype(b) != g.dtype(y) else b for b in (low, high)]
     tests = []
     if low:
         tests.append(g.op("Greater", y, low))

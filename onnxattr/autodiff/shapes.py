@@ -132,20 +132,36 @@ def gather(g):
 
 @vjp("Pad")
 def pad(g):
-    """y = pad(x, pads): constant mode: dx = pad(dy, -pads) (crops what was added, zero-fills
-    what a negative pad cropped); reflect, edge, wrap: dy scatter-added at the source cell of
-    every output cell (an index map of x padded the same way)."""
+    """y = pad(x, pads): constant mode: dx = dy with what was added cropped (Slice) and what a
+    negative pad cropped refilled with zeros (Pad), or dx = pad(dy, -pads) when the pads are
+    not constant; reflect, edge, wrap: dy scatter-added at the source cell of every output cell
+    (an index map of x padded the same way)."""
     mode = g.attr("mode", "constant")
-    if mode == "constant":
-        pads = g.value(g.x(1))
-        negated = g.ints(-np.asarray(pads)) if pads is not None else g.op("Neg", g.x(1))
-        inputs = [g.dy(), negated] + (["", g.x(3)] if g.x(3) else [])
+    if mode != "constant":
+        inputs = list(g.node.input[1:])
+        if len(inputs) > 1:
+            inputs[1] = ""  # the constant value has no meaning outside constant mode
+        return _adjoint_by_index(g, lambda index: g.op("Pad", index, *inputs, mode=mode),
+                                 reduction="add")
+    pads, axes = g.value(g.x(1)), g.value(g.x(3)) if g.x(3) else None
+    if pads is None or (g.x(3) and axes is None):
+        inputs = [g.dy(), g.op("Neg", g.x(1))] + (["", g.x(3)] if g.x(3) else [])
         return g.op("Pad", *inputs)
-    inputs = list(g.node.input[1:])
-    if len(inputs) > 1:
-        inputs[1] = ""  # the constant value has no meaning outside constant mode
-    return _adjoint_by_index(g, lambda index: g.op("Pad", index, *inputs, mode=mode),
-                             reduction="add")
+    rank = g.rank(g.x())
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in np.asarray(axes)]
+    begin, end = [0] * rank, [0] * rank
+    for k, a in enumerate(axes):
+        begin[a], end[a] = pads[k], pads[k + len(axes)]
+    dx = g.dy()
+    if any(p < 0 for p in begin + end):  # refill the cells the forward cropped
+        dx = g.op("Pad", dx, g.ints([max(-p, 0) for p in begin] + [max(-p, 0) for p in end]))
+    if any(p > 0 for p in begin + end):  # crop the cells the forward added
+        cut = [a for a in range(rank) if begin[a] > 0 or end[a] > 0]
+        big = np.iinfo(np.int64).max
+        dx = g.op("Slice", dx, g.ints([max(begin[a], 0) for a in cut]),
+                  g.ints([-end[a] if end[a] > 0 else big for a in cut]), g.ints(cut))
+    return dx
 
 
 def _adjoint_by_index(g, forward, reduction):
