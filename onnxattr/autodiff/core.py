@@ -14,6 +14,7 @@ pooling.py, normalization.py, reductions.py, shapes.py).
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper
 
 from .. import relu_rules
