@@ -14,6 +14,11 @@ import numpy as np
 
 from .errors import OnnxAttrError
 
+# The form each function emits when its caller names none: the fastest exact one measured
+# (scripts/bench_backward_forms.py overrides these to time the others in whole graphs).
+FORMS = {"conv_input_grad": "auto", "max_pool_grad": "indices", "gate": "mul",
+         "relu_active": "output"}
+
 FLOAT_MIN = {np.dtype(np.float16): np.finfo(np.float16).min,
              np.dtype(np.float32): np.finfo(np.float32).min,
              np.dtype(np.float64): np.finfo(np.float64).min}
@@ -74,35 +79,42 @@ def transpose_geometry(size, out_size, kernel, strides, pads, dilations):
 
 # --- Conv: the input gradient ----------------------------------------------------------------------
 
-def conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations, group, weight=None,
+def conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations, group, weight_shape,
                     out_size=None, form=None):
     """dX of Y = Conv(X, W) (no bias): the adjoint of the convolution, onto X's grid `size`.
+    `weight_shape` is W's static shape [M, C/group, k...].
 
     Forms (`form`):
-      "flipped_conv"    stride 1 and constant weights: Conv(dY, W') where W' holds each
-                        group's weights in/out-transposed and spatially flipped, with pads
-                        (k - 1) * d - p; onnxruntime runs it on its NCHWc Conv path.
+      "flipped_conv"    stride 1: Conv(dY, W') with pads (k - 1) * d - p, where W' holds each
+                        group's weights in/out-transposed and spatially flipped, made in the
+                        graph from W (Reshape, Transpose, Slice with steps -1: onnxruntime folds
+                        them into a constant when W is one, and the file keeps one copy of the
+                        weights); onnxruntime runs this Conv on its NCHWc path.
       "conv_transpose"  ConvTranspose(dY, W) with the forward geometry and the output_padding
-                        that restores X's size (every stride, any weights).
-    Default: "flipped_conv" where it applies, else "conv_transpose". Measured (median ms,
-    ConvTranspose -> flipped Conv): see BENCH in scripts/bench_backward_forms.py and the table
-    in CONV_TIMES below.
+                        that restores X's size (any stride).
+    Default ("auto"): "flipped_conv" where it applies (stride 1 and no pad above
+    (k - 1) * d), else "conv_transpose". Measured, 1 thread, median of 30 (ConvTranspose ->
+    flipped Conv): conv2/3x3 64->192 56x56 11.2 -> 8.9 ms, 64->64 112x112 k3 20.4 -> 13.1 ms,
+    inception_3a/3x3 96->128 28x28 3.4 -> 2.6 ms, 5x5 16->48 14x14 0.22 -> 0.19 ms, 1x1
+    192->64 28x28 0.42 -> 0.38 ms; in the whole GoogLeNet gradient the ConvTranspose form is
+    3-9 % slower. Stride 2 keeps ConvTranspose (conv1/7x7_s2: 7.8 ms, its forward 4.6 ms).
     """
     rank = len(kernel)
     if out_size is None:
         out_size = window_output_size(size, kernel, strides, pads, dilations)
-    flipped_pads = [(k - 1) * d - p for k, d, p in zip(kernel * 2, dilations * 2, pads)]
-    can_flip = (weight is not None and all(s == 1 for s in strides)
-                and all(p >= 0 for p in flipped_pads))
-    if form is None:
+    flipped_pads = [(k - 1) * d - p for k, d, p in zip(list(kernel) * 2, list(dilations) * 2,
+                                                        pads)]
+    can_flip = all(s == 1 for s in strides) and all(p >= 0 for p in flipped_pads)
+    form = form or FORMS["conv_input_grad"]
+    if form == "auto":
         form = "flipped_conv" if can_flip else "conv_transpose"
     if form == "flipped_conv":
         if not can_flip:
-            raise OnnxAttrError("the flipped-conv form needs stride 1, constant weights and "
-                                "pads <= (k - 1) * dilation")
-        flipped = flip_conv_weight(weight, group).astype(em.dtype(dy), copy=False)
-        return em.op("Conv", dy, em.const(flipped, "flipped_weight"), kernel_shape=list(kernel),
-                     pads=flipped_pads, dilations=list(dilations), group=group)
+            raise OnnxAttrError("the flipped-conv form needs stride 1 and pads <= "
+                                "(k - 1) * dilation")
+        return em.op("Conv", dy, flipped_conv_weight(em, w, weight_shape, group),
+                     kernel_shape=list(kernel), pads=flipped_pads, dilations=list(dilations),
+                     group=group)
     if form != "conv_transpose":
         raise ValueError(form)
     t_pads, output_padding = transpose_geometry(size, out_size, kernel, strides, pads, dilations)
@@ -111,15 +123,21 @@ def conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations, group, we
                  output_padding=output_padding)
 
 
-def flip_conv_weight(weight, group):
-    """Conv weights [M, C/g, k...] as the weights of the stride-1 adjoint Conv [C, M/g, k...]:
-    per group, in and out channels swapped and every spatial axis reversed."""
-    m, c_per = weight.shape[:2]
-    kernel = weight.shape[2:]
-    grouped = weight.reshape(group, m // group, c_per, *kernel)
-    swapped = np.swapaxes(grouped, 1, 2)  # [g, C/g, M/g, k...]
-    flipped = swapped[(Ellipsis,) + (slice(None, None, -1),) * len(kernel)]
-    return np.ascontiguousarray(flipped.reshape(group * c_per, m // group, *kernel))
+def flipped_conv_weight(em, w, weight_shape, group):
+    """Conv weights W [M, C/g, k...] as the weights of the stride-1 adjoint Conv [C, M/g, k...]:
+    per group, in and out channels swapped, and every spatial axis reversed."""
+    m, c_per, *kernel = weight_shape
+    rank = len(kernel)
+    ints = lambda values: em.const(np.array(values, np.int64))  # noqa: E731
+    if group == 1:
+        swapped = em.op("Transpose", w, perm=[1, 0, *range(2, 2 + rank)])
+    else:
+        grouped = em.op("Reshape", w, ints([group, m // group, c_per, *kernel]))
+        moved = em.op("Transpose", grouped, perm=[0, 2, 1, *range(3, 3 + rank)])
+        swapped = em.op("Reshape", moved, ints([group * c_per, m // group, *kernel]))
+    last = np.iinfo(np.int64).min
+    return em.op("Slice", swapped, ints([-1] * rank), ints([last] * rank),
+                 ints(list(range(2, 2 + rank))), ints([-1] * rank))
 
 
 # --- pooling windows -------------------------------------------------------------------------------
@@ -152,7 +170,7 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
     Default: "argmax". Measured: see POOL_TIMES below.
     """
     rank = len(kernel)
-    form = form or "argmax"
+    form = form or FORMS["max_pool_grad"]
     dtype = em.dtype(dy)
     if form == "slices":
         return _max_pool_grad_slices(em, x, y, dy, size, kernel, strides, pads, dilations,
@@ -319,11 +337,26 @@ def average_pool_grad(em, x, dy, size, kernel, strides, pads, dilations, out_siz
 
 # --- ReLU ------------------------------------------------------------------------------------------
 
-def relu_active(em, t, form=None):
-    """Where a Relu passes its input, as a bool tensor: t > 0, where t is the Relu's output Y
-    (or its input X: the same cells are positive). Reading Y leaves X to the forward alone, so
-    onnxruntime can fuse a Conv with the Relu after it (FusedConv). Measured: see RELU_TIMES."""
+def relu_active(em, x, y, form=None):
+    """Where a Relu y = max(x, 0) passes its input, as a bool tensor: y > 0 ("output"), or
+    x > 0 ("input"): the same cells. Reading y leaves x to the forward alone, so onnxruntime
+    can fuse the Conv before the Relu (FusedConv) and free x early. Measured: RELU_TIMES."""
+    t = y if (form or FORMS["relu_active"]) == "output" else x
     return em.op("Greater", t, em.const(np.zeros((), em.dtype(t))))
+
+
+def gate(em, value, active, form=None, out=None):
+    """`value` where the bool tensor `active` is true, else 0 (a ReLU's backward).
+
+    Forms: "mul" value * Cast(active) (exact: x * 1 = x, x * 0 = 0, but -0 for negative x and
+    NaN for an infinite x); "where" Where(active, value, 0). Default "mul": onnxruntime's Where
+    is several times slower than a Cast and a Mul (GATE_TIMES)."""
+    outputs = 1 if out is None else [out]
+    if (form or FORMS["gate"]) == "where":
+        return em.op("Where", active, value, em.const(np.zeros((), em.dtype(value))),
+                     outputs=outputs)
+    return em.op("Mul", value, em.op("Cast", active, to=_onnx_type(em.dtype(value))),
+                 outputs=outputs)
 
 
 def _scalar_tensor(value, dtype):

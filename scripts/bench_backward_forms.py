@@ -2,7 +2,8 @@
 sizes, batch 1): medians of interleaved runs, the ratio to the first form, and the largest
 difference between forms (they must agree exactly, or to float rounding for convolutions).
 
-    python scripts/bench_backward_forms.py [--threads 2] [--runs 30] [--only conv|pool|relu]
+    python scripts/bench_backward_forms.py [--threads 2] [--runs 30] [--only conv|pool|relu|googlenet]
+        [--googlenet models/googlenet.onnx]
 """
 
 import argparse
@@ -69,7 +70,7 @@ def bench_conv(threads, runs):
         out = (size + 2 * p - k) // s + 1
         feeds = {"dy": rng.standard_normal((n, cout, out, out)).astype(np.float32)}
         geometry = dict(size=[size, size], kernel=[k, k], strides=[s, s], pads=[p] * 4,
-                        dilations=[1, 1], group=1, weight=w)
+                        dilations=[1, 1], group=1, weight_shape=list(w.shape))
         candidates = {}
         names = ["conv_transpose"] + (["flipped_conv"] if s == 1 else [])
         for form in names:
@@ -153,25 +154,91 @@ def bench_relu(threads, runs):
                  "dy": rng.standard_normal((n, cout, size, size)).astype(np.float32)}
         inputs = {"x": [n, cin, size, size], "dy": [n, cout, size, size]}
 
-        def emit(em, read_output):
+        def emit(em, read, gate):
             pre = em.op("Conv", "x", "W", kernel_shape=[k, k], pads=[p] * 4)
             y = em.op("Relu", pre)
-            active = forms.relu_active(em, y if read_output else pre)
-            dx = em.op("Where", active, "dy", em.const(np.float32(0)))
-            return [dx, y]
-        candidates = {"active from the Relu's input X": build(inputs, lambda em: emit(em, False),
-                                                              {"W": w}),
-                      "active from the Relu's output Y": build(inputs, lambda em: emit(em, True),
-                                                               {"W": w})}
+            active = forms.relu_active(em, pre, y, read)
+            return [forms.gate(em, "dy", active, gate), y]
+        candidates = {f"active from the Relu's {read}, {gate}": build(
+            inputs, lambda em, read=read, gate=gate: emit(em, read, gate), {"W": w})
+            for read, gate in (("input", "where"), ("output", "where"), ("output", "mul"))}
         _compare_mixed(f"Conv + Relu forward and the Relu backward, {title}", candidates,
                        {name: feeds for name in candidates}, threads, runs)
+
+
+GOOGLENET_VARIANTS = {  # name: backward_forms.FORMS overrides
+    "chosen forms": {},
+    "Conv input gradient as ConvTranspose": {"conv_input_grad": "conv_transpose"},
+    "MaxPool backward: indices": {"max_pool_grad": "indices"},
+    "MaxPool backward: slices": {"max_pool_grad": "slices"},
+    "ReLU gate as Where": {"gate": "where"},
+    "ReLU active from its input": {"relu_active": "input"},
+}
+
+
+def bench_googlenet(path, threads, runs):
+    """Whole GoogLeNet gradient graphs (batch 1, target 285): the native builder with each
+    variant of the forms, and the training builder's graph lowered to standard ops."""
+    from onnxattr.autodiff import build_native_gradient
+    from onnxattr.model import describe_model
+    from onnxattr.prepare import (GraphEditor as PrepareEditor, _expose_class_outputs,
+                                  add_score_head)
+
+    model = onnx.load(path)
+    classifier = describe_model(model, "bench")
+    forward = onnx.ModelProto()
+    forward.CopyFrom(model)
+    _expose_class_outputs(PrepareEditor(forward.graph, forward.opset_import), classifier,
+                          classifier.opset)
+    scored = add_score_head(forward)
+    candidates = {}
+    for name, overrides in GOOGLENET_VARIANTS.items():
+        saved = dict(forms.FORMS)
+        forms.FORMS.update(overrides)
+        try:
+            candidates[f"native, {name}"] = build_native_gradient(scored, "image")
+        finally:
+            forms.FORMS.clear()
+            forms.FORMS.update(saved)
+    try:
+        from onnxattr.gradient import build_gradient_graph
+        from onnxattr.lower import lower_graph
+        from onnxattr.prepare import prepare_forward
+        candidates["training builder, lowered (prepared forward)"] = lower_graph(
+            build_gradient_graph(add_score_head(prepare_forward(classifier)), "image"))
+    except Exception as err:  # stock onnxruntime: no training builder
+        print(f"(no training builder: {err})")
+    rng = np.random.default_rng(3)
+    onehot = np.zeros((1, 1000), np.float32)
+    onehot[0, 285] = 1
+    feeds = {"image": rng.uniform(0, 255, (1, 3, 224, 224)).astype(np.float32),
+             "onehot": onehot}
+    sessions = {name: session(m, threads) for name, m in candidates.items()}
+    outputs = {name: s.run(["image_grad"], feeds)[0] for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(["image_grad"], feeds)
+            times[name].append(time.perf_counter() - start)
+    first = next(iter(sessions))
+    base = np.median(times[first])
+    print(f"\nGoogLeNet gradient, batch 1 (whole graph)")
+    for name in sessions:
+        median = np.median(times[name])
+        error = np.linalg.norm(outputs[name] - outputs[first]) / np.linalg.norm(outputs[first])
+        print(f"  {name:<52} {median * 1e3:8.1f} ms  x{median / base:5.2f}  "
+              f"rel. L2 to the first {error:.1e}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--only", choices=["conv", "pool", "relu"])
+    parser.add_argument("--only", choices=["conv", "pool", "relu", "googlenet"])
+    parser.add_argument("--googlenet", metavar="ONNX",
+                        help="an exported BVLC GoogLeNet (onnxattr.caffe.export) to time whole "
+                             "gradient graphs")
     args = parser.parse_args()
     onnxruntime.set_default_logger_severity(3)
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} threads, median of "
@@ -179,6 +246,8 @@ def main():
     for name, bench in (("conv", bench_conv), ("pool", bench_pool), ("relu", bench_relu)):
         if args.only in (None, name):
             bench(args.threads, args.runs)
+    if args.googlenet and args.only in (None, "googlenet"):
+        bench_googlenet(args.googlenet, args.threads, max(args.runs // 3, 5))
 
 
 if __name__ == "__main__":

