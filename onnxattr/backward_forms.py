@@ -153,21 +153,34 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
                   indices=None):
     """dX of Y = MaxPool(X): each window's dY goes to its first maximum in scan order (as
     onnxruntime's MaxPool and MaxPoolGrad do: a tie, such as an all-zero window after a ReLU,
-    sends the whole gradient to the first cell); overlapping windows add up.
+    sends the whole gradient to the first cell); overlapping windows add up. `pads` are
+    explicit (auto_pad resolved), `out_size` is Y's spatial size.
 
-    X [N, C, spatial...] is viewed as N*C one-channel images. Forms (`form`):
-      "argmax"   unfold: Pad X with the dtype's lowest finite value (never -inf: 0 * inf is NaN
-                 in the Conv), a Conv with one-hot kernels gives every window's cells as
-                 channels [N*C, k*k, out...]; ArgMax over them (first maximum), Equal against the
-                 cell numbers gives the one-hot choice, Where places dY there, and a
-                 ConvTranspose with the same one-hot kernels adds every window's cells back onto
-                 X's grid.
-      "equal"    the same unfold; the choice is Equal(cells, Y) with the first maximum kept by an
-                 exclusive CumSum over the cells.
-      "indices"  MaxPool with its Indices output and a ScatterElements (reduction add) of dY at
-                 them (the lowering of the training builder's MaxPoolGrad); `indices` may name the
-                 forward MaxPool's Indices, else a second MaxPool computes them.
-    Default: "argmax". Measured: see POOL_TIMES below.
+    Forms (`form`):
+      "indices"  MaxPool with its Indices output (a second MaxPool beside the forward's, unless
+                 `indices` names the forward's own) and a ScatterElements (reduction add) of dY
+                 at them: bit for bit what onnxruntime-training's MaxPoolGrad gives.
+      "slices"   no indexed kernel: for each window cell in scan order, a Slice of X (padded
+                 with the dtype's lowest finite value, never -inf), Equal to Y, and the still
+                 unrouted dY taken where equal (Cast, Mul, Sub: the first maximum wins); the
+                 cells go back with a Pad per cell, a Sum per stride phase and an
+                 Unsqueeze/Concat/Reshape interleave of the phases.
+      "unfold"   no indexed kernel: a Conv with one-hot kernels unfolds the padded windows into
+                 channels [N*C, k*k, out...], ArgMax over them picks the first maximum, Where
+                 puts dY there and a ConvTranspose with the same kernels adds the cells back.
+    Default "indices", the fastest: median ms, 1 thread (indices / slices / unfold; training
+    build's MaxPool with Indices + MaxPoolGrad; plain forward MaxPool), each including the
+    forward MaxPool:
+      pool1 3x3/2 ceil 64x112x112      9.7 / 11.2 / 17.5;  8.1;  1.2
+      pool2 3x3/2 ceil 192x56x56       8.9 / 10.4 / 18.2;  8.0;  1.0
+      inception_3a/pool 3x3/1 pad 1    6.9 /  6.1 / 15.2;  7.1;  0.5   (192x28x28)
+      pool3 3x3/2 ceil 480x28x28       5.5 /  7.8 / 12.1;  5.1;  0.7
+      inception_4a/pool 3x3/1 pad 1    4.4 /  5.2 / 10.9;  4.5;  0.4   (480x14x14)
+    and the whole GoogLeNet gradient at batch 1 takes 183 ms with "indices", 212 ms with
+    "slices" (2 threads on the shared 2-core machine: 540 / 710 ms, and "slices" is 1.2 to 2.6
+    times "indices" per layer: its ~60 small ops suffer most from contention). The indexed
+    MaxPool kernel is slow (5 ms where the plain one takes 0.5), but one pass; the forms without
+    it make about 6 passes per window cell.
     """
     rank = len(kernel)
     form = form or FORMS["max_pool_grad"]
@@ -177,18 +190,20 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
                                      out_size)
     if form == "indices":
         if indices is None:
+            floor_size = window_output_size(size, kernel, strides, pads, dilations)
             _, indices = em.op("MaxPool", x, outputs=2, kernel_shape=list(kernel),
                                strides=list(strides), pads=list(pads),
                                dilations=list(dilations),
-                               ceil_mode=int(window_output_size(
-                                   size, kernel, strides, pads, dilations) != list(out_size)))
+                               ceil_mode=int(floor_size != list(out_size)))
         flat = em.const(np.array([-1], np.int64))
         zeros = em.op("ConstantOfShape", em.op("Reshape", em.op("Size", x), flat),
                       value=_scalar_tensor(0, dtype))
         scattered = em.op("ScatterElements", zeros, em.op("Reshape", indices, flat),
                           em.op("Reshape", dy, flat), axis=0, reduction="add")
         return em.op("Reshape", scattered, em.op("Shape", x))
-    # unfold the windows of the padded one-channel images
+    if form != "unfold":
+        raise ValueError(form)
+    # X [N, C, spatial...] as N*C one-channel images, padded, windows unfolded into channels
     images = em.const(np.array([-1, 1, *size], np.int64))
     spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     need = [s * (o - 1) + span for s, o, span in zip(strides, out_size, spans)]
@@ -201,22 +216,12 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
     kernels = em.const(_unfold_kernels(kernel, dtype), "onehot_cells")
     cells = em.op("Conv", padded, kernels, kernel_shape=list(kernel), strides=list(strides),
                   dilations=list(dilations))
-    dy_images = em.op("Reshape", dy, em.const(np.array([-1, 1, *out_size], np.int64)))
-    zero = em.const(np.zeros((), dtype))
     count = int(np.prod(kernel))
-    if form == "argmax":
-        first = em.op("ArgMax", cells, axis=1, keepdims=1)
-        number = em.const(np.arange(count, dtype=np.int64).reshape(1, count, *[1] * rank))
-        chosen = em.op("Equal", first, number)
-    elif form == "equal":
-        y_images = em.op("Reshape", y, em.const(np.array([-1, 1, *out_size], np.int64)))
-        hit = em.op("Equal", cells, y_images)
-        before = em.op("CumSum", em.op("Cast", hit, to=6), em.const(np.array(1, np.int64)),
-                       exclusive=1)  # INT32 count of maxima before each cell
-        chosen = em.op("And", hit, em.op("Equal", before, em.const(np.array(0, np.int32))))
-    else:
-        raise ValueError(form)
-    routed = em.op("Where", chosen, dy_images, zero)
+    first = em.op("ArgMax", cells, axis=1, keepdims=1)
+    number = em.const(np.arange(count, dtype=np.int64).reshape(1, count, *[1] * rank))
+    dy_images = em.op("Reshape", dy, em.const(np.array([-1, 1, *out_size], np.int64)))
+    routed = em.op("Where", em.op("Equal", first, number), dy_images,
+                   em.const(np.zeros((), dtype)))
     t_pads, output_padding = transpose_geometry(size, out_size, kernel, strides, pads, dilations)
     back = em.op("ConvTranspose", routed, kernels, kernel_shape=list(kernel),
                  strides=list(strides), pads=t_pads, dilations=list(dilations),
@@ -301,6 +306,7 @@ def _interleave(em, grids, strides, length, rank):
 
 
 def _onnx_type(dtype):
+    """The TensorProto element type of a numpy dtype."""
     from onnx import helper
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
@@ -338,9 +344,12 @@ def average_pool_grad(em, x, dy, size, kernel, strides, pads, dilations, out_siz
 # --- ReLU ------------------------------------------------------------------------------------------
 
 def relu_active(em, x, y, form=None):
-    """Where a Relu y = max(x, 0) passes its input, as a bool tensor: y > 0 ("output"), or
-    x > 0 ("input"): the same cells. Reading y leaves x to the forward alone, so onnxruntime
-    can fuse the Conv before the Relu (FusedConv) and free x early. Measured: RELU_TIMES."""
+    """Where a Relu y = max(x, 0) passes its input, as a bool tensor: y > 0 ("output", the
+    default), or x > 0 ("input"): the same cells. Reading y leaves x to the forward alone, so
+    onnxruntime can fuse the Conv before the Relu (FusedConv) and free x early. Measured, 1
+    thread, Conv + Relu forward and the Relu backward (gate Where): 64->64 112x112 k3 18.8 ms
+    from x, 18.0 from y; 192->192 28x28 7.8 / 7.7; the whole GoogLeNet gradient 3-7 % faster
+    from y."""
     t = y if (form or FORMS["relu_active"]) == "output" else x
     return em.op("Greater", t, em.const(np.zeros((), em.dtype(t))))
 
@@ -348,9 +357,12 @@ def relu_active(em, x, y, form=None):
 def gate(em, value, active, form=None, out=None):
     """`value` where the bool tensor `active` is true, else 0 (a ReLU's backward).
 
-    Forms: "mul" value * Cast(active) (exact: x * 1 = x, x * 0 = 0, but -0 for negative x and
-    NaN for an infinite x); "where" Where(active, value, 0). Default "mul": onnxruntime's Where
-    is several times slower than a Cast and a Mul (GATE_TIMES)."""
+    Forms: "mul" value * Cast(active) (exact: v * 1 = v, v * 0 = 0, but -0 for negative v and
+    NaN for an infinite v); "where" Where(active, value, 0). Default "mul": onnxruntime's Where
+    with a scalar branch is slow (1.07 ms against 0.19 for Cast and Mul at 64x56x56, 2
+    threads). Measured, 1 thread, Conv + Relu forward and backward: 64->64 112x112 k3 18.0 ms
+    with Where, 14.3 with Mul; 192->192 28x28 7.7 / 7.0; the whole GoogLeNet gradient 8-12 %
+    faster with Mul."""
     outputs = 1 if out is None else [out]
     if (form or FORMS["gate"]) == "where":
         return em.op("Where", active, value, em.const(np.zeros((), em.dtype(value))),
