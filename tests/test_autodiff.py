@@ -23,6 +23,7 @@ from onnxattr.prepare import (ONEHOT, GraphEditor as PrepareEditor, _expose_clas
                               add_score_head, prepare_forward)
 from onnxattr.rewrite import rewrite_relu_gradients
 from test_autodiff_rules import central_differences, reference
+from test_lower import stock_python  # noqa: F401 (the stock onnxruntime fixture)
 
 onnxruntime.set_default_logger_severity(3)
 
@@ -475,38 +476,105 @@ def test_tiny_resnet_matches_the_training_builder(tiny_resnet, rule):
     assert error <= TOLERANCE, f"relative L2 {error:.2e}"
 
 
+STOCK_RUNNER = """
+import json, sys
+import numpy as np
+import onnxruntime
+from onnxruntime.capi import _pybind_state
+assert not hasattr(_pybind_state, "GradientGraphBuilder"), "not a stock onnxruntime"
+for job in json.load(open(sys.argv[1])):
+    session = onnxruntime.InferenceSession(job["model"], providers=["CPUExecutionProvider"])
+    np.save(job["output"], session.run([job["name"]], dict(np.load(job["inputs"])))[0])
+print(onnxruntime.__version__)
+"""
+
+
+def test_native_graphs_run_on_stock_onnxruntime(stock_python, tiny_resnet, tmp_path):
+    """The native graphs (standard ops only) on the latest stock onnxruntime from PyPI give
+    what the training build's runtime gives."""
+    import json
+    import subprocess
+
+    pixels = np.random.default_rng(8).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    models = {name: make() for name, make in SMALL.items()}
+    models["tiny resnet"] = tiny_resnet
+    jobs, wanted = [], []
+    for name, model in models.items():
+        size = describe_model(model, "digest").height
+        images = (pixels if size == 8 else np.random.default_rng(9).uniform(
+            0, 255, (2, 3, size, size)).astype(np.float32))
+        onehot = np.eye(describe_model(model, "digest").num_classes, dtype=np.float32)[[1, 3]]
+        for rule in RULES:
+            graph = build_native_gradient(native_scored(model), "image", relu_rule=rule)
+            path = tmp_path / f"{len(jobs)}.onnx"
+            onnx.save(graph, path)
+            np.savez(tmp_path / f"{len(jobs)}.npz", image=images, onehot=onehot)
+            jobs.append({"model": str(path), "inputs": str(tmp_path / f"{len(jobs)}.npz"),
+                         "output": str(tmp_path / f"{len(jobs)}.npy"), "name": "image_grad"})
+            wanted.append(run(graph, {"image": images, ONEHOT: onehot}, ["image_grad"])[0])
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "runner.py").write_text(STOCK_RUNNER)
+    done = subprocess.run([str(stock_python), str(tmp_path / "runner.py"),
+                           str(tmp_path / "jobs.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    print(f"stock onnxruntime {done.stdout.strip()}")
+    for job, want in zip(jobs, wanted):
+        assert rel_l2(np.load(job["output"]), want) <= 1e-6
+
+
 # --- BVLC GoogLeNet ------------------------------------------------------------------------------
 
+def timed(graphs, feeds, runs=7):
+    """{name: (image_grad, median seconds of `runs` batch-1 runs on 2 threads)}, the graphs
+    run in turn so that load on the machine hits them alike."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 2
+    sessions = {name: onnxruntime.InferenceSession(graph.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"])
+                for name, graph in graphs.items()}
+    results = {name: s.run(["image_grad"], feeds)[0] for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(["image_grad"], feeds)
+            times[name].append(time.perf_counter() - start)
+    return {name: (results[name], float(np.median(times[name]))) for name in sessions}
+
+
 @pytest.mark.slow
-def test_googlenet_matches_the_training_builder(googlenet_path, photos):
-    """The native gradient of the real GoogLeNet (its own forward graph: LRN, AveragePool,
-    Dropout unchanged) against the training builder's lowered graph, for the three rules, with
-    the batch-1 run time of each."""
+def test_googlenet_matches_the_training_builder(googlenet_path, photos, torch_reference):
+    """Real GoogLeNet, three rules. On the forward graph the training builder differentiates
+    (prepare_forward: BN folded, LRN and AveragePool rewritten, Dropout removed) the native
+    gradient equals the builder's to float rounding. On the model's own forward graph (what the
+    native builder is for: LRN, AveragePool, Dropout as they are) float32 rounding differs, and
+    a few near-tied MaxPool windows pick another cell (1e-3 on some photos): that one is checked
+    against float64 PyTorch as test_gradient checks the engine. Prints the batch-1 run times."""
     from onnxattr.image import load_pixels
+    from test_gradient import torch_gradient
 
     model = onnx.load(googlenet_path)
+    classifier = describe_model(model, "digest")
     pixels = load_pixels(photos[0], (224, 224))[None]
     onehot = np.zeros((1, 1000), np.float32)
     onehot[0, 285] = 1
     feeds = {"image": pixels, ONEHOT: onehot}
+    prepared = add_score_head(prepare_forward(classifier))
+    own = native_scored(model)
     for rule in RULES:
-        native = build_native_gradient(native_scored(model), "image", relu_rule=rule)
-        training = training_gradient(model, rule)
-        results, times = {}, {}
-        for label, graph in (("native", native), ("training builder", training)):
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 2
-            session = onnxruntime.InferenceSession(graph.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"])
-            session.run(["image_grad"], feeds)
-            runs = []
-            for _ in range(5):
-                start = time.perf_counter()
-                results[label] = session.run(["image_grad"], feeds)[0]
-                runs.append(time.perf_counter() - start)
-            times[label] = np.median(runs)
-        error = rel_l2(results["native"], results["training builder"])
-        print(f"GoogLeNet {rule}: relative L2 {error:.2e}; batch-1 run (median of 5, 2 threads) "
-              f"native {times['native'] * 1e3:.1f} ms, training builder (lowered) "
-              f"{times['training builder'] * 1e3:.1f} ms")
+        runs = timed({"training": training_gradient(model, rule),
+                      "same forward": build_native_gradient(prepared, "image", relu_rule=rule),
+                      "native": build_native_gradient(own, "image", relu_rule=rule)}, feeds)
+        (training, training_time), (same_forward, _), (native, native_time) = runs.values()
+        error = rel_l2(same_forward, training)
+        drift = rel_l2(native, training)
+        print(f"GoogLeNet {rule}: native vs training builder {error:.1e} on the same forward "
+              f"graph, {drift:.1e} on the model's own; batch-1 run (median of 7, 2 threads): "
+              f"native {native_time * 1e3:.0f} ms, training builder lowered "
+              f"{training_time * 1e3:.0f} ms")
         assert error <= TOLERANCE
+        assert drift <= 1e-2
+        if rule == "vanilla":
+            want = torch_gradient(torch_reference, pixels, [285])
+            assert rel_l2(native, want) <= 1e-2
