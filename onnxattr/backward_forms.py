@@ -99,7 +99,6 @@ def conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations, group, we
     192->64 28x28 0.42 -> 0.38 ms; in the whole GoogLeNet gradient the ConvTranspose form is
     3-9 % slower. Stride 2 keeps ConvTranspose (conv1/7x7_s2: 7.8 ms, its forward 4.6 ms).
     """
-    rank = len(kernel)
     if out_size is None:
         out_size = window_output_size(size, kernel, strides, pads, dilations)
     flipped_pads = [(k - 1) * d - p for k, d, p in zip(list(kernel) * 2, list(dilations) * 2,

@@ -148,7 +148,7 @@ def bench_pool(threads, runs):
 
 def bench_relu(threads, runs):
     rng = np.random.default_rng(2)
-    for title, (n, cin, cout, size, k, s, p) in RELU_LAYERS.items():
+    for title, (n, cin, cout, size, k, _, p) in RELU_LAYERS.items():
         w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
         feeds = {"x": rng.standard_normal((n, cin, size, size)).astype(np.float32),
                  "dy": rng.standard_normal((n, cout, size, size)).astype(np.float32)}
@@ -223,7 +223,7 @@ def bench_googlenet(path, threads, runs):
             times[name].append(time.perf_counter() - start)
     first = next(iter(sessions))
     base = np.median(times[first])
-    print(f"\nGoogLeNet gradient, batch 1 (whole graph)")
+    print("\nGoogLeNet gradient, batch 1 (whole graph)")
     for name in sessions:
         median = np.median(times[name])
         error = np.linalg.norm(outputs[name] - outputs[first]) / np.linalg.norm(outputs[first])

@@ -489,7 +489,7 @@ print(onnxruntime.__version__)
 """
 
 
-def test_native_graphs_run_on_stock_onnxruntime(stock_python, tiny_resnet, tmp_path):
+def test_native_graphs_run_on_stock_onnxruntime(stock_python, tiny_resnet, tmp_path):  # noqa: F811
     """The native graphs (standard ops only) on the latest stock onnxruntime from PyPI give
     what the training build's runtime gives."""
     import json
@@ -499,7 +499,7 @@ def test_native_graphs_run_on_stock_onnxruntime(stock_python, tiny_resnet, tmp_p
     models = {name: make() for name, make in SMALL.items()}
     models["tiny resnet"] = tiny_resnet
     jobs, wanted = [], []
-    for name, model in models.items():
+    for model in models.values():
         size = describe_model(model, "digest").height
         images = (pixels if size == 8 else np.random.default_rng(9).uniform(
             0, 255, (2, 3, size, size)).astype(np.float32))

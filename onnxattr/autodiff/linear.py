@@ -42,11 +42,10 @@ def conv_transpose(g):
     """y = conv_transpose(x, w):  dx = conv(dy, w) with the same strides, dilations, group and
     pads (the convolution whose adjoint ConvTranspose is; output_padding cells of y are read by
     no window)."""
-    x, w = g.x(0), g.x(1)
+    w = g.x(1)
     weight_shape = g.static_shape(w)
     kernel = list(g.attr("kernel_shape") or weight_shape[2:])
     rank = len(kernel)
-    size = g.static_shape(x, axes=range(2, 2 + rank))
     strides = list(g.attr("strides") or [1] * rank)
     dilations = list(g.attr("dilations") or [1] * rank)
     auto_pad = g.attr("auto_pad", "NOTSET")
