@@ -6,8 +6,11 @@ attribute values and static shapes, and returns the name of the tensor it wrote;
 knows which pass calls it. Where several forms were measured, `form` picks one for the
 benchmark (scripts/bench_backward_forms.py) and tests; the default is the fastest exact one.
 
-Times are medians on onnxruntime 1.19.2 (CPU, 2 threads) at GoogLeNet's layer sizes, batch 1,
-measured by `python scripts/bench_backward_forms.py`; each function's docstring gives them.
+Times are medians of interleaved runs on onnxruntime 1.19.2 (CPU) at GoogLeNet's layer sizes,
+batch 1, measured by `python scripts/bench_backward_forms.py --threads 1 --googlenet ...`;
+each function's docstring gives them. They are 1-thread numbers: the machine they were taken
+on has 2 cores shared with other jobs, where 2-thread runs (--threads 2) swing by 2-3x from run
+to run; per layer those rank the forms the same way.
 """
 
 import numpy as np
@@ -175,9 +178,9 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
       inception_3a/pool 3x3/1 pad 1    6.9 /  6.1 / 15.2;  7.1;  0.5   (192x28x28)
       pool3 3x3/2 ceil 480x28x28       5.5 /  7.8 / 12.1;  5.1;  0.7
       inception_4a/pool 3x3/1 pad 1    4.4 /  5.2 / 10.9;  4.5;  0.4   (480x14x14)
-    and the whole GoogLeNet gradient at batch 1 takes 183 ms with "indices", 212 ms with
-    "slices" (2 threads on the shared 2-core machine: 540 / 710 ms, and "slices" is 1.2 to 2.6
-    times "indices" per layer: its ~60 small ops suffer most from contention). The indexed
+    and the whole GoogLeNet gradient at batch 1 is 13-27 % slower with "slices" than with
+    "indices" (1 thread, three runs; on 2 threads of the shared 2-core machine "slices" is 1.2
+    to 2.6 times "indices" per layer: its ~60 small ops suffer most from contention). The indexed
     MaxPool kernel is slow (5 ms where the plain one takes 0.5), but one pass; the forms without
     it make about 6 passes per window cell.
     """
@@ -347,8 +350,8 @@ def relu_active(em, x, y, form=None):
     default), or x > 0 ("input"): the same cells. Reading y leaves x to the forward alone, so
     onnxruntime can fuse the Conv before the Relu (FusedConv) and free x early. Measured, 1
     thread, Conv + Relu forward and the Relu backward (gate Where): 64->64 112x112 k3 18.8 ms
-    from x, 18.0 from y; 192->192 28x28 7.8 / 7.7; the whole GoogLeNet gradient 3-7 % faster
-    from y."""
+    from x, 18.0 from y; 192->192 28x28 7.8 / 7.7; in the whole GoogLeNet gradient the
+    difference is within run-to-run noise (-2 % to +7 % across runs)."""
     t = y if (form or FORMS["relu_active"]) == "output" else x
     return em.op("Greater", t, em.const(np.zeros((), em.dtype(t))))
 
@@ -360,7 +363,7 @@ def gate(em, value, active, form=None, out=None):
     NaN for an infinite v); "where" Where(active, value, 0). Default "mul": onnxruntime's Where
     with a scalar branch is slow (1.07 ms against 0.19 for Cast and Mul at 64x56x56, 2
     threads). Measured, 1 thread, Conv + Relu forward and backward: 64->64 112x112 k3 18.0 ms
-    with Where, 14.3 with Mul; 192->192 28x28 7.7 / 7.0; the whole GoogLeNet gradient 8-12 %
+    with Where, 14.3 with Mul; 192->192 28x28 7.7 / 7.0; the whole GoogLeNet gradient 3-12 %
     faster with Mul."""
     outputs = 1 if out is None else [out]
     if (form or FORMS["gate"]) == "where":

@@ -204,8 +204,15 @@ def bench_googlenet(path, threads, runs):
         from onnxattr.gradient import build_gradient_graph
         from onnxattr.lower import lower_graph
         from onnxattr.prepare import prepare_forward
-        candidates["training builder, lowered (prepared forward)"] = lower_graph(
-            build_gradient_graph(add_score_head(prepare_forward(classifier)), "image"))
+        built = build_gradient_graph(add_score_head(prepare_forward(classifier)), "image")
+        candidates["training builder, lowered (prepared forward)"] = lower_graph(built)
+        saved = dict(forms.FORMS)
+        forms.FORMS.update(conv_input_grad="conv_transpose", gate="where")
+        try:  # what lower.py emitted before it used these forms
+            candidates["training builder, lowered with ConvTranspose, Where"] = lower_graph(built)
+        finally:
+            forms.FORMS.clear()
+            forms.FORMS.update(saved)
     except Exception as err:  # stock onnxruntime: no training builder
         print(f"(no training builder: {err})")
     rng = np.random.default_rng(3)

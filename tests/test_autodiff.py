@@ -130,9 +130,11 @@ def test_gradient_with_respect_to_an_intermediate_tensor():
     assert any(n.name.startswith("grad/relu1/") for n in gradient.graph.node)
 
 
-def test_any_batch_size_rows_independent():
-    model = native_scored(small_models.concat_batchnorm())
-    gradient = build_native_gradient(model, "image")
+@pytest.mark.parametrize("name", ["conv-relu-maxpool(ceil)-lrn-gemm-softmax",
+                                  "concat-batchnorm-dropout-avgpool-gemm-softmax"])
+def test_any_batch_size_rows_independent(name):
+    """Built once for a symbolic batch: batch 3 gives each row its own batch-1 gradient."""
+    gradient = build_native_gradient(native_scored(SMALL[name]()), "image")
     rng = np.random.default_rng(5)
     images = rng.uniform(-1, 1, (3, 3, 8, 8)).astype(np.float32)
     onehot = np.eye(5, dtype=np.float32)[[0, 3, 4]]
@@ -191,6 +193,10 @@ def test_float64_seed_and_constants():
     got = reference(gradient).run(["x_grad"], {"x": x})[0]
     s = 1 / (1 + np.exp(-x))
     np.testing.assert_allclose(got, s * (1 - s) / 4, rtol=1e-12)
+    x = np.array([[-0.5, 0.3, 0.8], [0.6, -0.2, 0.4]])  # the ReLU rules in float64 too
+    for rule in RULES:
+        modified = build_native_gradient(shared_tensor_model(), "x", relu_rule=rule)
+        assert reference(modified).run(["x_grad"], {"x": x})[0].dtype == np.float64
 
 
 # --- refusals ----------------------------------------------------------------------------------
