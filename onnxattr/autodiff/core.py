@@ -8,8 +8,9 @@
          Sum of their contributions
       -> ReLU rules (vanilla, guided, zeiler-fergus) plug in at every Relu and gated Clip
 
-The walk knows no op by name: every op-specific fact is in a rule (elementwise.py, linear.py,
-pooling.py, normalization.py, reductions.py, shapes.py).
+The walk knows ops by name only for the ReLU rules' policy (which rectifiers they gate, which
+they refuse); every other op-specific fact is in a rule (elementwise.py, linear.py, pooling.py,
+normalization.py, reductions.py, shapes.py).
 """
 
 import numpy as np
@@ -57,7 +58,8 @@ def build_native_gradient(model, wrt, relu_rule="vanilla", output="score"):
 
 
 def _prepared(model):
-    """A copy with model-local functions inlined, at opset >= 17 and IR version <= 10."""
+    """A copy with model-local functions inlined, converted to opset 17 if older (onnx's
+    version converter also rewrites the ops whose meaning changed, such as Softmax before 13)."""
     model = copy_model(model)
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
@@ -109,8 +111,8 @@ class ReverseWalk:
         return dtype is None or np.dtype(dtype) in FLOAT_DTYPES
 
     def path(self):
-        """(the path's nodes in reverse topological order, {node name: input positions that
-        need a cotangent})."""
+        """(the path's nodes in reverse topological order, {id(node): positions of its inputs
+        that need a cotangent})."""
         reached, downstream, blocked = {self.wrt}, [], []
         for node in self.editor.graph.node:
             hits = [i for i, name in enumerate(node.input) if name and name in reached]
@@ -131,13 +133,13 @@ class ReverseWalk:
                 path.append(node)
                 wanted[id(node)] = set(through)
                 needed.update(node.input[i] for i in through)
-        self._refuse_blocked(blocked, needed)
+        self._refuse_blocked(blocked)
         if self.wrt not in needed:
             raise OnnxAttrError(f"'{self.output}' does not depend on '{self.wrt}' through "
                                 "differentiable ops: there is no gradient to build")
         return path, wanted
 
-    def _refuse_blocked(self, blocked, needed):
+    def _refuse_blocked(self, blocked):
         """A float input reached from wrt at a position its rule does not differentiate, on a
         node the output depends on: the gradient would silently miss that term."""
         ancestors = _ancestors(self.editor.graph, self.output)

@@ -230,13 +230,11 @@ def clip(g):
     from .core import is_gated_clip
 
     y = g.y()
-    if g.opset >= 11 or len(g.node.input) > 1:
-        low, high = g.x(1), g.x(2)
-    else:
-        low = g.attr("min")
-        high = g.attr("max")
-        low = g.scalar(low, y) if low is not None else ""
-        high = g.scalar(high, y) if high is not None else ""
+    low, high = g.x(1), g.x(2)  # inputs from opset 11; attributes before
+    if not low and g.attr("min") is not None:
+        low = g.scalar(g.attr("min"), y)
+    if not high and g.attr("max") is not None:
+        high = g.scalar(g.attr("max"), y)
     # a bound of another float type (onnx's version converter writes float32 ones) is cast
     low, high = [g.cast_like(b, y) if b and g.dtype(b) != g.dtype(y) else b for b in (low, high)]
     tests = []
