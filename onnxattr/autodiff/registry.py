@@ -262,9 +262,5 @@ def _static_reduction(out, into):
     return axes, lead
 
 
-def onnx_dtype(dtype):
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
 FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64)} | {
     helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)}
