@@ -97,11 +97,12 @@ def topological_order(nodes):
     return order
 
 
-def infer_shapes(model):
+def infer_shapes(model, symbolic=False):
     """({tensor name: [int or None per dimension]}, {tensor name: numpy dtype}) from onnx shape
     inference (with constant propagation through Shape/Gather/Concat, so the dynamic reshapes
     of exported models resolve), initializers included. Tensors inference knows nothing of are
-    absent."""
+    absent. With `symbolic`, a dimension inference names but cannot size is its name (a str,
+    such as the batch "N") instead of None."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference is best effort: a rule that needs a shape says so itself
@@ -109,7 +110,8 @@ def infer_shapes(model):
     graph = inferred.graph
     values = [v for v in (*graph.value_info, *graph.input, *graph.output)
               if v.type.HasField("tensor_type")]
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else
+                       (d.dim_param or None) if symbolic else None
                        for d in v.type.tensor_type.shape.dim]
               for v in values if v.type.tensor_type.HasField("shape")}
     types = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
@@ -262,12 +264,25 @@ class GraphEditor:
 
     # --- shapes --------------------------------------------------------------------------------
 
+    @property
+    def opset(self):
+        """The default-domain (ai.onnx) opset the graph's ops are read at."""
+        return next((o.version for o in self.opset_imports if o.domain in STANDARD_DOMAINS), 0)
+
     def _inference(self):
         if self._inferred is None:
             model = helper.make_model(self.graph, opset_imports=self.opset_imports)
             model.ir_version = MAX_IR_VERSION
-            self._inferred = infer_shapes(model)
+            symbolic, types = infer_shapes(model, symbolic=True)
+            shapes = {name: [d if isinstance(d, int) else None for d in shape]
+                      for name, shape in symbolic.items()}
+            self._inferred = shapes, types, symbolic
         return self._inferred
+
+    def symbolic_shape(self, name):
+        """Like `inferred_shape`, with named dimensions (such as a batch "N") as their name: two
+        tensors whose dimensions carry one name have the same size there."""
+        return self._inference()[2].get(name)
 
     def inferred_shape(self, name):
         """The shape of tensor `name` from shape inference: an int, or None where unknown, per
@@ -323,6 +338,7 @@ class Emitter:
         self.prefix = prefix
         self.nodes = []
         self._constants = {}
+        self._dtypes = {}
 
     def tmp(self, what):
         """A fresh tensor name."""
@@ -334,18 +350,29 @@ class Emitter:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
             self._constants[key] = self.editor.constant(f"{self.prefix}{what}", array)
+            self._dtypes[self._constants[key]] = array.dtype
         return self._constants[key]
 
     def op(self, op_type, *inputs, outputs=1, name=None, **attrs):
         """Add an `op_type` node reading `inputs`; return its output name (a list of names when
-        `outputs` is a number above 1 or a list of names to write)."""
+        `outputs` is a number above 1 or a list of names to write). The outputs' dtypes are
+        recorded where the op and its inputs tell them (see `dtype`)."""
         if isinstance(outputs, int):
             names = [self.tmp(f"{op_type}") for _ in range(outputs)]
         else:
             names = list(outputs)
         base = name or f"{self.prefix}{op_type}"
         self.nodes.append(self.editor.node(op_type, list(inputs), names, base, **attrs))
+        dtype = _output_dtype(op_type, inputs, attrs, self._known_dtype)
+        if dtype is not None:
+            for out in names if op_type == "Split" else names[:1]:
+                self._dtypes[out] = dtype
         return names[0] if outputs == 1 else names
+
+    def _known_dtype(self, name):
+        if name in self._dtypes:
+            return self._dtypes[name]
+        return self.editor._inference()[1].get(name)
 
     def shape(self, name, node=None):
         return self.editor.shape(name, node)
@@ -356,5 +383,44 @@ class Emitter:
     def value(self, name):
         return self.editor.value(name)
 
+    def declare(self, name, dtype):
+        """Record the dtype of a tensor this pass wrote (inference only knows the graph's own
+        tensors); `dtype` answers it from then on. Returns `name`."""
+        self._dtypes[name] = np.dtype(dtype)
+        return name
+
     def dtype(self, name):
+        """The dtype of tensor `name`: as declared, else from inference (float32 if unknown)."""
+        if name in self._dtypes:
+            return self._dtypes[name]
         return self.editor.dtype(name)
+
+
+# Output dtypes of emitted ops, for Emitter.dtype: the ops whose first output has the dtype of
+# one input (its position), and those with a fixed output dtype.
+_SAME_DTYPE_AS = dict.fromkeys(
+    "Abs Acos Add AveragePool BatchNormalization Ceil Clip Concat Conv ConvTranspose CumSum "
+    "DepthToSpace Div Einsum Elu Erf Exp Expand Flatten Floor Gather GatherElements Gelu Gemm "
+    "GlobalAveragePool GlobalMaxPool HardSigmoid HardSwish Identity InstanceNormalization "
+    "LayerNormalization LeakyRelu Log LogSoftmax LRN MatMul Max MaxPool Mean Min Mul Neg Pad "
+    "Pow PRelu Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum "
+    "ReduceSumSquare Relu Reshape Resize ScatterElements ScatterND Sigmoid Sign Slice Softmax "
+    "Softplus SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh Tile Transpose Unsqueeze".split(), 0)
+_SAME_DTYPE_AS["Where"] = 1
+_FIXED_DTYPE = {**dict.fromkeys(("Shape", "Size", "ArgMax", "ArgMin", "NonZero"), np.int64),
+                **dict.fromkeys(("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
+                                 "Not", "And", "Or", "Xor", "IsNaN", "IsInf"), np.bool_)}
+
+
+def _output_dtype(op_type, inputs, attrs, known):
+    if op_type in _FIXED_DTYPE:
+        return np.dtype(_FIXED_DTYPE[op_type])
+    if op_type == "Cast" and "to" in attrs:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if op_type == "ConstantOfShape":
+        value = attrs.get("value")
+        return np.dtype(np.float32) if value is None else numpy_helper.to_array(value).dtype
+    position = _SAME_DTYPE_AS.get(op_type)
+    if position is not None and position < len(inputs) and inputs[position]:
+        return known(inputs[position])
+    return None

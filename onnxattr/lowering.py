@@ -5,11 +5,13 @@ ReluGrad, SoftmaxGrad_13, Scale, GatherGrad, the onnx-domain MaxPoolGrad that on
 training build registers). `lower_graph` replaces each of them by standard ai.onnx ops, one rule
 per op in `LOWERING_RULES` (found by op type, as onnx's reference evaluator finds its kernels):
 
-    ConvGrad(dY, X, W)        dX = ConvTranspose(dY, W) with the forward strides, pads,
-                              dilations, group and the output_padding that restores X's size
-    ReluGrad(dY, Y)           dX = Where(Y > 0, dY, 0)
+    ConvGrad(dY, X, W)        dX = the adjoint convolution (backward_forms.conv_input_grad:
+                              stride 1 a Conv with flipped, transposed weights, else a
+                              ConvTranspose with the output_padding that restores X's size)
+    ReluGrad(dY, Y)           dX = dY * (Y > 0) (backward_forms.gate)
     MaxPoolGrad(dY, Indices)  dX = the flattened zeros of X's size, dY scatter-added at the
-                              forward MaxPool's Indices (ScatterElements, reduction "add")
+                              forward MaxPool's Indices (backward_forms.max_pool_grad, form
+                              "indices")
     SoftmaxGrad_13(dY, Y)     dX = Y * (dY - ReduceSum(dY * Y, axis))
     SoftmaxGrad(dY, Y)        the same on the input coerced to 2-D at `axis` (opset < 13)
     LogSoftmaxGrad_13(dY, Y)  dX = dY - Exp(Y) * ReduceSum(dY, axis)
@@ -26,10 +28,12 @@ shuffle) still have static spatial sizes.
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from . import backward_forms
 from .errors import OnnxAttrError
 from .graph import (
     MAX_IR_VERSION,
     MIN_OPSET,
+    Emitter,
     GraphEditor,
     attributes,
     copy_model,
@@ -81,25 +85,22 @@ class Lowering:
     def needed(self, name):
         return bool(name) and name in self.used
 
+    def emitter(self, node):
+        """An Emitter for the nodes of one rule (backward_forms functions emit through it)."""
+        return Emitter(self.editor, prefix=f"{node.name or node.op_type}/")
+
+    def finish(self, em, result, output, node):
+        """The emitted nodes, with `result` written to the rule's `output` name."""
+        return em.nodes + [self.make("Identity", [result], [output], node)]
+
 
 def _explicit_pads(node, attrs, size, kernel, strides, dilations):
     """The forward op's begin+end pads, auto_pad resolved against the static input size."""
-    rank = len(kernel)
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("NOTSET", ""):
-        return list(attrs.get("pads", [0] * 2 * rank))
-    if auto_pad == "VALID":
-        return [0] * 2 * rank
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+    auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         raise OnnxAttrError(f"cannot lower {node.op_type} node '{node.name}': auto_pad {auto_pad}")
-    begin, end = [], []
-    for x, k, s, d in zip(size, kernel, strides, dilations):
-        out = -(-x // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - x)
-        small, large = total // 2, total - total // 2
-        begin.append(small if auto_pad == "SAME_UPPER" else large)
-        end.append(large if auto_pad == "SAME_UPPER" else small)
-    return begin + end
+    return backward_forms.explicit_pads(auto_pad, attrs.get("pads"), size, kernel, strides,
+                                        dilations)
 
 
 def _only_first_output(low, node, what="dX"):
@@ -110,7 +111,7 @@ def _only_first_output(low, node, what="dX"):
 
 
 def lower_conv_grad(low, node):
-    """dX of Conv: ConvTranspose of dY with the forward weights and geometry."""
+    """dX of Conv: the adjoint convolution of dY (backward_forms.conv_input_grad)."""
     _only_first_output(low, node)
     dy, x, w = node.input[:3]
     dx = node.output[0]
@@ -122,32 +123,29 @@ def lower_conv_grad(low, node):
     kernel = list(attrs.get("kernel_shape") or (weight_shape or [None, None])[2:])
     if not kernel or any(k is None for k in kernel):
         raise OnnxAttrError(f"cannot lower ConvGrad node '{node.name}': unknown kernel shape")
+    if not weight_shape or any(d is None for d in weight_shape):
+        raise OnnxAttrError(f"cannot lower ConvGrad node '{node.name}': unknown weight shape")
     rank = len(kernel)
     strides = list(attrs.get("strides", [1] * rank))
     dilations = list(attrs.get("dilations", [1] * rank))
     pads = _explicit_pads(node, attrs, size, kernel, strides, dilations)
-    output_padding = []
-    for i in range(rank):
-        span = (kernel[i] - 1) * dilations[i] + 1
-        out = (size[i] + pads[i] + pads[i + rank] - span) // strides[i] + 1
-        covered = strides[i] * (out - 1) + span - pads[i] - pads[i + rank]
-        output_padding.append(size[i] - covered)  # input cells no window reaches: zero gradient
-    return [low.make("ConvTranspose", [dy, w], [dx], node, strides=strides, pads=pads,
-                     dilations=dilations, group=attrs.get("group", 1),
-                     kernel_shape=kernel, output_padding=output_padding)]
+    em = low.emitter(node)
+    result = backward_forms.conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations,
+                                            attrs.get("group", 1), list(weight_shape))
+    return low.finish(em, result, dx, node)
 
 
 def lower_relu_grad(low, node):
-    """dX = dY where Y > 0 (the builder passes the Relu's output or its input), else 0."""
-    dy, y = node.input
-    mask = low.tmp(node, "positive")
-    zero = low.const("zero", np.float32(0))
-    return [low.make("Greater", [y, zero], [mask], node),
-            low.make("Where", [mask, dy, zero], [node.output[0]], node)]
+    """dX = dY where T > 0, else 0 (the builder passes the Relu's output or its input as T)."""
+    dy, t = node.input
+    em = low.emitter(node)
+    backward_forms.gate(em, dy, backward_forms.relu_active(em, t, t), out=node.output[0])
+    return em.nodes
 
 
 def lower_max_pool_grad(low, node):
-    """dY scatter-added at the forward MaxPool's flat Indices into zeros of X's size.
+    """dY scatter-added at the forward MaxPool's flat Indices into zeros of X's size
+    (backward_forms.max_pool_grad, form "indices").
 
     Indices count over the whole N*C*H*W input (row-major, storage_order 0), so overlapping
     windows that pick the same cell add up, as MaxPoolGrad does.
@@ -160,22 +158,12 @@ def lower_max_pool_grad(low, node):
     if attributes(pool).get("storage_order", 0) != 0:
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': MaxPool "
                             f"'{pool.name}' has storage_order 1")
-    x = pool.input[0]
-    t = {k: low.tmp(node, k) for k in ("size", "flat_size", "zeros", "flat_indices",
-                                      "flat_dy", "flat_dx", "shape")}
-    flat = low.const("flat", np.array([-1], np.int64))
-    return [
-        low.make("Size", [x], [t["size"]], node),
-        low.make("Reshape", [t["size"], flat], [t["flat_size"]], node),
-        low.make("ConstantOfShape", [t["flat_size"]], [t["zeros"]], node,
-                 value=numpy_helper.from_array(np.zeros(1, np.float32))),
-        low.make("Reshape", [indices, flat], [t["flat_indices"]], node),
-        low.make("Reshape", [dy, flat], [t["flat_dy"]], node),
-        low.make("ScatterElements", [t["zeros"], t["flat_indices"], t["flat_dy"]],
-                 [t["flat_dx"]], node, axis=0, reduction="add"),
-        low.make("Shape", [x], [t["shape"]], node),
-        low.make("Reshape", [t["flat_dx"], t["shape"]], [node.output[0]], node),
-    ]
+    em = low.emitter(node)
+    kernel = list(attributes(pool)["kernel_shape"])
+    result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, None, kernel,
+                                          None, None, None, None, form="indices",
+                                          indices=indices)
+    return low.finish(em, result, node.output[0], node)
 
 
 def _softmax_grad(low, node, dy, y, dx, axis):

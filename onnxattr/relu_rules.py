@@ -20,13 +20,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backward_forms import gate
 from .errors import OnnxAttrError
+from .graph import attribute
 
 VANILLA = "vanilla"
+# rectifiers the modified rules are not defined for: they pass a gradient below the threshold
+# or are smooth (a Clip with min 0, ReLU6, is gated like a Relu by the native builder)
+OTHER_RECTIFIERS = frozenset({"LeakyRelu", "PRelu", "Clip", "ThresholdedRelu", "Elu", "Selu",
+                              "Celu", "Gelu", "HardSwish", "Softplus", "Mish"})
 
 
 def vanilla(em, dy, active, out=None):
-    return em.op("Where", active, dy, em.const(zero_like(em, dy)), outputs=_outs(out))
+    return gate(em, dy, active, out=out)  # the fastest exact "dy where active, else 0"
 
 
 def guided(em, dy, active, out=None):
@@ -71,3 +77,15 @@ def _outs(out):
 def zero_like(em, like):
     """A zero scalar of the dtype of tensor `like`."""
     return np.zeros((), em.dtype(like))
+
+
+def is_gated_clip(editor, node):
+    """A Clip the ReLU rules treat as a ReLU: its min is a constant 0 (ReLU6 and the like)."""
+    if node.op_type != "Clip":
+        return False
+    if len(node.input) > 1 and node.input[1]:
+        low = editor.value(node.input[1])
+    else:
+        low = attribute(node, "min")
+        low = None if low is None else np.array(low)
+    return low is not None and np.size(low) == 1 and float(np.reshape(low, ())) == 0.0

@@ -21,12 +21,10 @@ import onnx
 from .errors import OnnxAttrError
 from .graph import Emitter, GraphEditor, copy_model, default_opset
 from .prepare import ONEHOT, SCORE
-from .relu_rules import VANILLA, relu_rule, zero_like
+from .relu_rules import OTHER_RECTIFIERS, VANILLA, relu_rule, zero_like
 from .runtime import onnxruntime
 
 MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
-OTHER_RECTIFIERS = frozenset({"LeakyRelu", "PRelu", "Clip", "ThresholdedRelu", "Elu", "Selu",
-                              "Celu", "Gelu", "HardSwish", "Softplus", "Mish"})
 NO_GRADIENT = frozenset({"Shape", "Size"})  # ops whose output carries no gradient to their input
 _UNSUPPORTED = re.compile(r"not been registered: (\S+) for node (.*)")
 

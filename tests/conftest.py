@@ -25,13 +25,27 @@ def builder(request):
     return request.param
 
 
+def _main_checkout():
+    """The main checkout of a git worktree (whose .git is a file naming its git directory),
+    else this repository."""
+    git = REPO / ".git"
+    if git.is_file():
+        text = git.read_text().strip()
+        if text.startswith("gitdir:"):
+            gitdir = (REPO / text.split(":", 1)[1].strip()).resolve()
+            if gitdir.parent.name == "worktrees":  # <main>/.git/worktrees/<name>
+                return gitdir.parent.parent.parent
+    return REPO
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
-    """The shared data directory (../shared beside the repository); skips when absent."""
-    path = REPO.parent / "shared"
-    if not path.is_dir():
-        pytest.skip(f"no shared data at {path}")
-    return path
+    """The shared data directory (../shared beside the repository, or beside the main checkout
+    of a git worktree); skips when absent."""
+    for path in dict.fromkeys([REPO.parent / "shared", _main_checkout().parent / "shared"]):
+        if path.is_dir():
+            return path
+    pytest.skip(f"no shared data at {REPO.parent / 'shared'}")
 
 
 @pytest.fixture(scope="session")

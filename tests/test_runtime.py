@@ -4,8 +4,9 @@
 import numpy as np
 import pytest
 
-import small_models
 from onnxattr import Explainer, OnnxAttrError, runtime
+
+import small_models
 
 
 class FakeSession:
