@@ -1,11 +1,15 @@
 """The plain gradient: central finite differences on small models, float64 PyTorch on GoogLeNet."""
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
+from conftest import GRADIENT_BUILDERS
+from onnx import helper
 
 from onnxattr import Explainer, OnnxAttrError
 from onnxattr.builders import BUILDERS
+from onnxattr.errors import OnnxAttrNote
 from onnxattr.image import load_pixels
 
 import small_models
@@ -153,3 +157,46 @@ def test_explanation_fields(googlenet, photos):
     assert result.class_index == 285 and result.label == "Egyptian cat"
     assert 0 < result.score < 1
     assert result.title == "Gradient Attribution Map (Egyptian cat)"
+
+
+def ceil_mode_average_pool():
+    """Conv -> AveragePool(ceil_mode): the training builder's forward fixes refuse ceil_mode."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["c"], ["p"], name="ceil_pool", kernel_shape=[3, 3],
+                         strides=[2, 2], ceil_mode=1),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+    ]
+    return small_models.classifier(nodes, {"w": small_models._weights(rng, 4, 3, 3, 3),
+                                           "__features__": 4 * 4 * 4}, "f")
+
+
+def test_auto_falls_back_to_native_and_says_why_once(tmp_path):
+    model = ceil_mode_average_pool()
+    path = small_models.save(model, tmp_path / "m.onnx")
+    pixels = np.random.default_rng(3).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    explainer = Explainer(path, cache_dir=tmp_path / "cache")
+    with pytest.warns(OnnxAttrNote) as notes:
+        gradient = explainer.engine.gradient(pixels, [1, 4])[0]
+        explainer.engine.gradient(pixels, [1, 4])
+    assert len(notes) == 1
+    assert "the onnxruntime builder cannot do this" in str(notes[0].message)
+    assert "AveragePool node 'ceil_pool'" in str(notes[0].message)
+    assert explainer.engine.builders_used == {("vanilla", "prob"): "native"}
+    reference = central_differences(model, pixels, [1, 4], "prob")
+    assert relative_l2(gradient, reference) < 1e-4
+    with pytest.raises(OnnxAttrError, match="ceil_mode"):
+        Explainer(path, cache_dir=tmp_path / "c2", builder="onnxruntime").engine.gradient(
+            pixels, [1, 4])
+
+
+def test_cache_keys_include_the_builder(tmp_path):
+    path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
+    pixels = np.random.default_rng(3).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
+    for builder in GRADIENT_BUILDERS:
+        Explainer(path, cache_dir=tmp_path / "cache", builder=builder).engine.gradient(pixels, [0])
+    graphs = list((tmp_path / "cache").glob("*.onnx"))
+    assert len(graphs) == 2
+    ops = [{n.op_type for n in onnx.load(g).graph.node} for g in graphs]
+    assert any("Where" in o or "Mul" in o for o in ops) and ops[0] != ops[1]

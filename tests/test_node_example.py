@@ -33,10 +33,12 @@ def node_example():
     return node
 
 
-def test_node_example_matches_python(node_example, googlenet_path, tmp_path):
+def test_node_example_matches_python(node_example, googlenet_path, tmp_path, builder):
+    """The compiled model from either builder; against the Python engine of the same builder."""
     model = tmp_path / "googlenet-guided.onnx"
-    compile_model(googlenet_path, "guided-backprop", "prob", model, cache_dir=tmp_path / "cache")
-    trained = Explainer(googlenet_path, cache_dir=tmp_path / "cache")
+    compile_model(googlenet_path, "guided-backprop", "prob", model, cache_dir=tmp_path / "cache",
+                  builder=builder)
+    trained = Explainer(googlenet_path, cache_dir=tmp_path / "cache", builder=builder)
     pixels = trained.pixels([REPO / "samples" / "chelsea.png"])
     target = 281  # not the top-1 class, so the target input really is used
     pixels.astype("<f4").tofile(tmp_path / "image.f32")
@@ -50,8 +52,12 @@ def test_node_example_matches_python(node_example, googlenet_path, tmp_path):
     assert report["target"] == target and report["shape"] == list(pixels.shape)
     assert report["prob"] == pytest.approx(float(prob[0, target]), rel=1e-5)
     error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    print(f"\nonnxruntime-node vs training build, guided backprop: relative L2 {error:.1e}")
-    assert error <= 1e-5
+    print(f"\nonnxruntime-node vs Python ({builder} builder), guided backprop: relative L2 "
+          f"{error:.1e}")
+    # The native graph keeps GoogLeNet's LRN op, whose float32 kernel differs between
+    # onnxruntime 1.19 (Python here) and 1.30 (node): a few near-tied MaxPool windows then pick
+    # another cell (6e-5 seen); the training builder's graph decomposes LRN (7e-7).
+    assert error <= (1e-5 if builder == "onnxruntime" else 2e-4)
 
 
 def test_node_example_reports_bad_usage(node_example):
