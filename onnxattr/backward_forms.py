@@ -156,8 +156,8 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
                   indices=None):
     """dX of Y = MaxPool(X): each window's dY goes to its first maximum in scan order (as
     onnxruntime's MaxPool and MaxPoolGrad do: a tie, such as an all-zero window after a ReLU,
-    sends the whole gradient to the first cell); overlapping windows add up. `pads` are
-    explicit (auto_pad resolved), `out_size` is Y's spatial size.
+    sends the whole gradient to the first cell); overlapping windows add up. `size` and
+    `out_size` are X's and Y's static spatial sizes, `pads` explicit (auto_pad resolved).
 
     Forms (`form`):
       "indices"  MaxPool with its Indices output (a second MaxPool beside the forward's, unless
@@ -183,30 +183,44 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
     "indices" (1 thread, three runs; on 2 threads of the shared 2-core machine "slices" is 1.2
     to 2.6 times "indices" per layer: its ~60 small ops suffer most from contention). The indexed
     MaxPool kernel is slow (5 ms where the plain one takes 0.5), but one pass; the forms without
-    it make about 6 passes per window cell.
+    it make about 6 passes per window cell. The other forms stay for the GPU, where small ops
+    are cheap (not measured here: no GPU in that session) and for scripts/bench_backward_forms.py.
     """
-    rank = len(kernel)
     form = form or FORMS["max_pool_grad"]
-    dtype = em.dtype(dy)
-    if form == "slices":
-        return _max_pool_grad_slices(em, x, y, dy, size, kernel, strides, pads, dilations,
-                                     out_size)
+    geometry = (size, kernel, strides, pads, dilations, out_size)
     if form == "indices":
-        if indices is None:
-            floor_size = window_output_size(size, kernel, strides, pads, dilations)
-            _, indices = em.op("MaxPool", x, outputs=2, kernel_shape=list(kernel),
-                               strides=list(strides), pads=list(pads),
-                               dilations=list(dilations),
-                               ceil_mode=int(floor_size != list(out_size)))
-        flat = em.const(np.array([-1], np.int64))
-        zeros = em.op("ConstantOfShape", em.op("Reshape", em.op("Size", x), flat),
-                      value=_scalar_tensor(0, dtype))
-        scattered = em.op("ScatterElements", zeros, em.op("Reshape", indices, flat),
-                          em.op("Reshape", dy, flat), axis=0, reduction="add")
-        return em.op("Reshape", scattered, em.op("Shape", x))
-    if form != "unfold":
-        raise ValueError(form)
-    # X [N, C, spatial...] as N*C one-channel images, padded, windows unfolded into channels
+        return _max_pool_grad_indices(em, x, dy, *geometry, indices)
+    if form == "slices":
+        return _max_pool_grad_slices(em, x, y, dy, *geometry)
+    if form == "unfold":
+        return _max_pool_grad_unfold(em, x, y, dy, *geometry)
+    raise ValueError(f"unknown max_pool_grad form {form!r}")
+
+
+def _max_pool_grad_indices(em, x, dy, size, kernel, strides, pads, dilations, out_size, indices):
+    """The indexed form of max_pool_grad. The flat N*C*H*W indices become indices within each
+    (n, c) image (Mod by H*W), and dY is scattered into [N, C, H*W]: reshapes with constant
+    shapes (0 keeps a dimension), no Shape/Size arithmetic, so a CUDA session keeps every node
+    on the GPU. The zeros are X * 0 (X is finite wherever the forward pass is)."""
+    if indices is None:
+        floor_size = window_output_size(size, kernel, strides, pads, dilations)
+        _, indices = em.op("MaxPool", x, outputs=2, kernel_shape=list(kernel),
+                           strides=list(strides), pads=list(pads), dilations=list(dilations),
+                           ceil_mode=int(floor_size != list(out_size)))
+    per_image = em.const(np.array([0, 0, -1], np.int64))
+    cells = em.op("Mod", indices, em.const(np.array(int(np.prod(size)), np.int64)))
+    flat_x = em.op("Reshape", x, per_image)
+    zeros = em.op("Mul", flat_x, em.const(np.zeros((), em.dtype(dy))))
+    scattered = em.op("ScatterElements", zeros, em.op("Reshape", cells, per_image),
+                      em.op("Reshape", dy, per_image), axis=2, reduction="add")
+    return em.op("Reshape", scattered, em.const(np.array([0, 0, *size], np.int64)))
+
+
+def _max_pool_grad_unfold(em, x, y, dy, size, kernel, strides, pads, dilations, out_size):
+    """The unfold form of max_pool_grad: X [N, C, spatial...] as N*C one-channel images,
+    padded, windows unfolded into channels."""
+    rank = len(kernel)
+    dtype = em.dtype(dy)
     images = em.const(np.array([-1, 1, *size], np.int64))
     spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     need = [s * (o - 1) + span for s, o, span in zip(strides, out_size, spans)]

@@ -159,8 +159,8 @@ def lower_max_pool_grad(low, node):
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': MaxPool "
                             f"'{pool.name}' has storage_order 1")
     em = low.emitter(node)
-    kernel = list(attributes(pool)["kernel_shape"])
-    result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, None, kernel,
+    size = low.spatial(pool.input[0], node, "input")
+    result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, size, None,
                                           None, None, None, None, form="indices",
                                           indices=indices)
     return low.finish(em, result, node.output[0], node)
