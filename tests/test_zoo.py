@@ -35,6 +35,10 @@ KNOWN_FAILURES = {  # (architecture, exporter): why the training builder refuses
 
 
 def _cases(with_known_failures):
+    return list(_each_case(with_known_failures))
+
+
+def _each_case(with_known_failures):
     for exporter in zoo.EXPORTERS:
         for arch in zoo.ARCHITECTURES:
             marks = [pytest.mark.slow] if exporter == "dynamo" else []
