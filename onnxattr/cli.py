@@ -189,11 +189,12 @@ def classify(images, explainer, top):
         try:
             ranked = explainer.classify(image, top=top)
         except OnnxAttrError as err:
-            failed += _report(err)
+            failed += _report(err, image)
             continue
         click.echo(f"{image}:")
         for index, label, prob in ranked:
-            click.echo(f"  {prob:7.4f}  {label} ({index})")
+            named = "" if label == f"class {index}" else f" ({index})"  # unlabelled: no twice
+            click.echo(f"  {prob:7.4f}  {label}{named}")
     sys.exit(1 if failed else 0)
 
 
@@ -224,7 +225,8 @@ def _method_list(names):
 def explain(images, explainer, methods, target, score, out_dir, save_raw, panel, options,
             batch_size, save_path, method_options):
     """Write the example's figures for each image: the photo and one map per method."""
-    methods = _method_list(methods)
+    chosen = _method_list(methods)
+    methods = _applicable(explainer, chosen, score) if "all" in methods else chosen
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
     method_options = options_per_method(methods, method_options)
@@ -240,10 +242,29 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
                                       out_dir / stem, save_raw, panel, bar.update, options,
                                       method_options, batch_size, save_path)
             except OnnxAttrError as err:
-                failed += _report(err)
+                failed += _report(err, image)
                 continue
             click.echo(f"{image}: " + ", ".join(str(p) for p in written))
     sys.exit(1 if failed else 0)
+
+
+def _applicable(explainer, methods, score):
+    """`--method all` on this model: the methods whose gradient graph can be made, the others
+    left out with one note (guided backpropagation on a model without ReLU, say)."""
+    kept, skipped = [], []
+    for method in methods:
+        rule = METHODS[method].relu_rule
+        try:
+            if rule is not None and not explainer.classifier.compiled:
+                explainer.engine.gradient_graph(rule, score)
+        except OnnxAttrError as err:
+            skipped.append((method, err))
+            continue
+        kept.append(method)
+    if skipped:
+        names = ", ".join(method for method, _ in skipped)
+        click.echo(f"note: --method all leaves out {names}: {skipped[0][1]}", err=True)
+    return kept
 
 
 def check_output_folder(out_dir):
@@ -413,8 +434,10 @@ def _unique_stems(images):
     return stems
 
 
-def _report(err):
-    click.echo(f"error: {err}", err=True)
+def _report(err, image=None):
+    """One error line on stderr (naming the image when the message does not); returns 1."""
+    where = f"{image}: " if image is not None and str(image) not in str(err) else ""
+    click.echo(f"error: {where}{err}", err=True)
     return 1
 
 

@@ -135,6 +135,9 @@ class Explainer:
         if matches:
             raise OnnxAttrError(f"class name '{target}' is ambiguous: indices "
                                 f"{', '.join(map(str, matches))}; give the index")
+        if not self.classifier.has_labels:
+            raise OnnxAttrError(f"unknown class name '{target}': the model has no class names "
+                                f"(onnxattr.labels metadata); give a class index 0..{count - 1}")
         close = difflib.get_close_matches(wanted, [label.lower() for label in self.labels], 3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         raise OnnxAttrError(f"unknown class name '{target}'{hint}")

@@ -138,6 +138,11 @@ class ClassifierModel:
         return default_opset(self.proto)
 
     @property
+    def has_labels(self):
+        """Whether the model names its classes (else they are "class 0", "class 1", ...)."""
+        return LABELS_KEY in self.metadata
+
+    @property
     def size(self):
         """(height, width) of the model's image input."""
         return (self.height, self.width)

@@ -3,12 +3,15 @@
 **Layers** (`parameter_layers`) are the parameterised nodes: Conv, Gemm and MatMul with an
 initializer weight, and BatchNormalization with initializer scale and bias. They are ordered
 from the output back to the input: a topological order of the nodes that feed the class logits,
-reversed. Grouping (`grouping="prefix"`, the default) joins nodes whose names share the part
-before the first "/" (a leading "/" is ignored), so a GoogLeNet inception module
-("inception_5b/1x1", "inception_5b/3x3", ...) is one step; a name without "/" (or with an empty
-first part) is its own group, and a node without a name is its own group named
-"<op>:<weight>". Groups are ordered by their member nearest the output. `grouping="node"` makes
-every parameterised node its own step.
+reversed. Grouping (`grouping="prefix"`, the default) joins nodes by the module path in their
+names (the "/"-separated parts before the last): the parts every node shares are dropped (torch
+exports put "/net/..." or "/model/..." in front of everything), then nodes are grouped by the
+first remaining part, or by the first two, three ... parts while that gives fewer than
+`MIN_GROUPS` groups. So a GoogLeNet inception module ("inception_5b/1x1", "inception_5b/3x3",
+...) is one step, a torch ResNet's "layer4" is one step, and SqueezeNet's
+"features/features.3" is one. A name without "/" is its own group, and a node without a name is
+its own group named "<op>:<weight>". Groups are ordered by their member nearest the output.
+`grouping="node"` makes every parameterised node its own step.
 
 **Randomization** (`randomize_proto`): each layer's draw comes from a generator seeded by
 (seed, layer index), so the cascading and independent modes use the same random weights for a
@@ -41,6 +44,7 @@ from .model import describe_model
 
 PARAMETERISED = ("Conv", "Gemm", "MatMul", "BatchNormalization")
 GROUPINGS = ("prefix", "node")
+MIN_GROUPS = 4  # prefix grouping descends a level while it finds fewer groups than this
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -101,14 +105,26 @@ def _reversed_topological(graph, output):
     return order[::-1]
 
 
-def _group_key(node, weight, grouping):
-    if not node.name:
-        return f"{node.op_type}:{weight}"
-    if grouping == "node":
-        return node.name
-    stripped = node.name.lstrip("/")
-    first = stripped.split("/", 1)[0]
-    return first if "/" in stripped and first else node.name
+def _group_keys(found, grouping):
+    """{node name or "<op>:<weight>": group name} for the parameterised nodes `found`
+    [(node, weight)], by `grouping` (see the module docstring)."""
+    names = {id(node): node.name or f"{node.op_type}:{weight}" for node, weight in found}
+    paths = {id(node): node.name.lstrip("/").split("/")[:-1] for node, _ in found
+             if grouping == "prefix" and node.name}
+    paths = {k: [p for p in path if p] for k, path in paths.items() if any(path)}
+    if not paths:
+        return names
+    common = 0
+    while all(len(p) > common + 1 and p[common] == next(iter(paths.values()))[common]
+              for p in paths.values()):
+        common += 1
+    depth = 1
+    while True:
+        keys = {k: "/".join(p[common:common + depth]) for k, p in paths.items()}
+        deeper = any(len(p) > common + depth for p in paths.values())
+        if len(set(keys.values())) >= MIN_GROUPS or not deeper:
+            return {**names, **keys}
+        depth += 1
 
 
 def parameter_layers(proto, output=None, grouping="prefix"):
@@ -122,15 +138,13 @@ def parameter_layers(proto, output=None, grouping="prefix"):
     if output is None:
         output = describe_model(proto, "", "model").logits_output
     initializers = {t.name: t for t in graph.initializer}
+    found = [(node, _node_parameters(node, initializers))
+             for node in _reversed_topological(graph, output) if node.op_type in PARAMETERISED]
+    found = [(node, parameters) for node, parameters in found if parameters is not None]
+    keys = _group_keys([(node, (p[0] or p[2])[0]) for node, p in found], grouping)
     layers, seen = {}, set()
-    for node in _reversed_topological(graph, output):
-        if node.op_type not in PARAMETERISED:
-            continue
-        found = _node_parameters(node, initializers)
-        if found is None:
-            continue
-        weights, biases, affine, fan_in = found
-        key = _group_key(node, (weights or affine)[0], grouping)
+    for node, (weights, biases, affine, fan_in) in found:
+        key = keys[id(node)]
         layer = layers.setdefault(key, Layer(key))
         layer.nodes.append(node.name or key)
         for target, names in ((layer.weights, weights), (layer.biases, biases),

@@ -211,3 +211,46 @@ def test_cuda_without_its_provider_fails_before_any_work(small_classifier, monke
                            "cuda", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "CUDAExecutionProvider", "device 'cuda'")
     assert not (tmp_path / "out").exists()
+
+
+def no_relu_classifier():
+    """Conv -> Sigmoid -> Flatten -> Gemm -> Softmax: guided backprop does not apply."""
+    model = small_models.conv_relu_maxpool_lrn()
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Sigmoid"
+    return model
+
+
+def test_method_all_leaves_out_what_does_not_apply(small_classifier, monkeypatch, capsys):
+    """On a model without ReLU, `--method all` writes every map that applies and says in one
+    note which methods it left out (it used to write nothing and fail per image)."""
+    tmp_path, _, photo = small_classifier
+    path = small_models.save(no_relu_classifier(), tmp_path / "sigmoid.onnx")
+    code, out, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--method",
+                             "all", "--out", tmp_path / "out")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, err  # the left-out methods, the assumed pixel contract
+    assert "--method all leaves out guided-backprop, zeiler-fergus" in notes[0]
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"photo_gradient.png", "photo_integrated-gradients.png"} <= written
+    assert not any("guided" in name for name in written)
+
+
+def test_per_image_errors_name_the_image(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    path = small_models.save(no_relu_classifier(), tmp_path / "sigmoid.onnx")
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--method",
+                           "guided-backprop", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, f"error: {photo}: ", "has no Relu")
+
+
+def test_unlabelled_models_say_so(small_classifier, monkeypatch, capsys):
+    tmp_path, _, photo = small_classifier
+    path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "bare.onnx")
+    code, out, _ = run_cli(monkeypatch, capsys, "classify", photo, "--model", path, "--top", "1")
+    assert code == 0 and "class " in out and "(" not in out.splitlines()[1]
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--target",
+                           "tabby cat", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "the model has no class names", "class index 0..4")

@@ -217,3 +217,16 @@ def test_cli_writes_the_figures_and_the_json(setup, monkeypatch, capsys):
     assert set(cascading["methods"]["gradient"]) == set(sanity.METRICS)
     assert "c1" in out
     assert len(list((tmp_path / "cli-cache").iterdir())) == 2  # original graphs only
+
+
+def test_prefix_grouping_of_torch_export_names():
+    """torch's exporter names nodes "/net/<module path>/<op>": the shared "/net" is dropped and
+    the grouping descends until it finds enough steps (one group per model used to be "net")."""
+    model = three_conv()
+    names = {"c1/conv": "/net/features/features.0/Conv", "c2/conv": "/net/features/features.2/Conv",
+             "c3/conv": "/net/features/features.5/Conv", "fc": "/net/classifier/classifier.1/Gemm"}
+    for node in model.graph.node:
+        node.name = names.get(node.name, node.name)
+    layers = randomize.parameter_layers(model, "logits")
+    assert [layer.name for layer in layers] == ["classifier/classifier.1", "features/features.5",
+                                                "features/features.2", "features/features.0"]
