@@ -60,8 +60,9 @@ def _one_line(err):
 def measure(args):
     """Child process: onnxattr's gradient for one model file and builder. Writes the gradient
     to --result and prints one JSON line {status, first_s, gradient_s}."""
-    import zoo_models as zoo
     from onnxattr import OnnxAttrError
+
+    import zoo_models as zoo
 
     pixels = np.load(args.pixels)
     targets = np.array(json.loads(args.targets), np.int64)
@@ -175,6 +176,7 @@ def print_row(row):
 
 def run(args):
     import torch
+
     import zoo_models as zoo
 
     models = args.models.split(",")

@@ -12,8 +12,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-import zoo_models as zoo  # noqa: E402
 from onnxattr import OnnxAttrError  # noqa: E402
+
+import zoo_models as zoo  # noqa: E402
 
 TOLERANCE = 1e-2  # relative L2 of float32 onnxattr against float64 torch, per image
 

@@ -46,9 +46,19 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import (convnext, densenet, efficientnet, mobilenetv2, mobilenetv3,
-                                regnet, resnet, shufflenetv2, squeezenet, swin_transformer,
-                                vision_transformer)
+from torchvision.models import (
+    convnext,
+    densenet,
+    efficientnet,
+    mobilenetv2,
+    mobilenetv3,
+    regnet,
+    resnet,
+    shufflenetv2,
+    squeezenet,
+    swin_transformer,
+    vision_transformer,
+)
 from torchvision.models.alexnet import AlexNet  # torchvision.models.alexnet is the function
 
 ARCHITECTURES = ["resnet18", "alexnet", "squeezenet1_1", "densenet121", "mobilenet_v2",
