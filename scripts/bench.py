@@ -1,13 +1,23 @@
-"""Benchmark onnxattr against Captum on BVLC GoogLeNet, in one run, interleaved.
+"""Benchmark onnxattr against Captum, in one run, interleaved, per model.
 
-Both sides compute the same thing on the same network and weights (Captum on a float32 PyTorch
-model built from the same Caffe files, tests/torch_googlenet.py) with the same number of
-threads. Times are medians over repeats; each repeat runs every case on both sides back to back.
-Peak memory is measured per case and side in a fresh process (VmHWM: the peak resident set of
-the whole process, imports and model included), so cases do not inherit each other's peaks;
-the onnxattr processes run without torch importable, as in a deployment stack without PyTorch.
+Both sides compute the same thing on the same network and weights with the same number of
+threads: Captum on a float32 PyTorch model (GoogLeNet: built from the same Caffe files,
+tests/torch_googlenet.py; ResNet-18 and MobileNetV2: torchvision at random init, the zoo's
+calibration, tests/zoo_models.py), onnxattr on its ONNX export. Times are medians over repeats;
+each repeat runs every case on both sides back to back. On the CPU, peak memory is measured
+per case and side in a fresh process (VmHWM: the peak resident set of the whole process,
+imports and model included), so cases do not inherit each other's peaks; the onnxattr
+processes run without torch importable, as in a deployment stack without PyTorch. On CUDA
+(`--device cuda`, onnxruntime-gpu and torch with CUDA) both sides run on the GPU, float32-exact
+by default (`--precision tf32` lets both use TF32), timed with the GPU synchronised.
 
-    python scripts/bench.py [--threads 2] [--repeats 5] [--json bench.json]
+    python scripts/bench.py [--models googlenet,resnet18,mobilenet_v2] [--device cpu|cuda]
+                            [--precision float32|tf32] [--builder auto|native|onnxruntime]
+                            [--threads 2] [--repeats 5] [--cases ...] [--json bench.json]
+
+The "gradient-<builder>" cases time the gradient graph of each builder side by side (the
+native graph and onnxruntime-training's, lowered to standard ops); "rel L2" checks that both
+sides computed the same thing.
 """
 
 import argparse
@@ -23,12 +33,16 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's onnxattr, the test models
 CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
+MODELS = ("googlenet", "resnet18", "mobilenet_v2")
+BATCH = 64  # the batched-gradient case
 
 
 def common_arguments(parser):
-    """The model, its Caffe source, threads and repeats: shared with scripts/bench_compiled.py."""
+    """The GoogLeNet model, its Caffe source, threads and repeats: shared with
+    scripts/bench_compiled.py."""
     parser.add_argument("--model", type=Path, default=REPO / "models" / "googlenet.onnx",
                         help="exported GoogLeNet (made from --caffe when missing)")
     parser.add_argument("--caffe", type=Path, default=CAFFE_DIR)
@@ -39,13 +53,21 @@ def common_arguments(parser):
 
 def parse_args(argv=None):
     parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--models", default="googlenet",
+                        help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["float32", "tf32"], default="float32")
+    parser.add_argument("--builder", default="auto", help="onnxattr's builder for the cases")
     parser.add_argument("--ig-steps", default="50", help="comma-separated step counts")
     parser.add_argument("--ig-batch-sizes", default="1,10,25,50")
     parser.add_argument("--smoothgrad-samples", type=int, default=25)
     parser.add_argument("--cases", default=None, help="comma-separated subset of the cases")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peaks")
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "bench",
+                        help="exported zoo models are cached here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "SIDE", "CASE"),
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -57,6 +79,13 @@ def cases(args):
                     lambda s: s.model(s.x)),
         "gradient": (lambda s: s.engine.gradient(s.pixels, s.targets)[0],
                      lambda s: s.saliency.attribute(s.x, target=s.target, abs=False)),
+        **{f"gradient-{builder}": (
+            lambda s, builder=builder: s.other(builder).gradient(s.pixels, s.targets)[0],
+            lambda s: s.saliency.attribute(s.x, target=s.target, abs=False))
+           for builder in ("native", "onnxruntime")},
+        f"gradient-batch{BATCH}": (
+            lambda s: s.engine.gradient(s.batch, s.targets * BATCH)[0],
+            lambda s: s.saliency.attribute(s.x_batch, target=s.target, abs=False)),
         "guided-backprop": (lambda s: s.engine.gradient(s.pixels, s.targets, "guided")[0],
                             lambda s: s.guided.attribute(s.x, target=s.target)),
         "smoothgrad": (lambda s: s.explain("gradient", smooth="smoothgrad", samples=samples,
@@ -83,16 +112,57 @@ def cases(args):
     return table
 
 
-class OnnxattrSide:
-    """onnxattr's Explainer on the exported model, one photo, its top-1 class."""
+def model_path(args, name):
+    """The ONNX file of a model (GoogLeNet exported from --caffe when missing, without torch;
+    a zoo model's is written by `torch_module`)."""
+    if name != "googlenet":
+        return args.out / f"{name}.onnx"
+    if not args.model.exists():
+        from onnxattr import caffe
 
-    def __init__(self, args):
+        caffe.export(args.caffe, args.model)
+    return args.model
+
+
+def torch_module(args, name):
+    """The float32 torch module of the model's weights (a zoo model is exported too, cached)."""
+    if name == "googlenet":
+        from torch_googlenet import build_reference
+
+        return build_reference(args.caffe).float().eval()
+    import zoo_models as zoo
+
+    module = zoo.build(name, "full", seed=0)
+    zoo.export_cached(module, model_path(args, name))
+    return module.float().eval()
+
+
+class OnnxattrSide:
+    """onnxattr's Explainer on the model file, one photo, its top-1 class."""
+
+    def __init__(self, args, path):
         from onnxattr import Explainer
 
-        self.explainer = Explainer(args.model, threads=args.threads)
+        self.args, self.path = args, path
+        self.explainer = Explainer(path, threads=args.threads, device=args.device,
+                                   precision=args.precision, builder=args.builder)
         self.engine = self.explainer.engine
         self.pixels = self.explainer.pixels([PHOTO])
         self.targets = [int(np.argmax(self.engine.forward(self.pixels)[0]))]
+        noise = np.random.default_rng(0).normal(0, 8, (BATCH, *self.pixels.shape[1:]))
+        self.batch = (self.pixels + noise).clip(0, 255).astype(np.float32)
+        self._others = {}
+
+    def other(self, builder):
+        """The engine of an Explainer with another builder (for the gradient-<builder> cases)."""
+        from onnxattr import Explainer
+
+        if builder not in self._others:
+            self._others[builder] = Explainer(self.path, threads=self.args.threads,
+                                              device=self.args.device,
+                                              precision=self.args.precision,
+                                              builder=builder).engine
+        return self._others[builder]
 
     def explain(self, method, **options):
         return self.explainer.explain(PHOTO, method=method, target=self.targets[0],
@@ -100,65 +170,67 @@ class OnnxattrSide:
 
 
 class CaptumSide:
-    """Captum on a float32 PyTorch GoogLeNet of the same weights, the same photo and class."""
+    """Captum on the float32 PyTorch model of the same weights, the same photo and class."""
 
-    def __init__(self, args, pixels, target):
+    def __init__(self, args, module, pixels, target):
         import torch
         from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
 
-        sys.path.insert(0, str(REPO / "tests"))
-        from torch_googlenet import build_reference
-
         torch.set_num_threads(args.threads)
-        reference = build_reference(args.caffe).float().eval()
-        self.model = lambda x: reference(x)
-        self.x = torch.tensor(pixels, requires_grad=True)
+        tf32 = args.precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+        device = torch.device(args.device)
+        module = module.to(device)
+        self.model = module
+        self.x = torch.tensor(pixels, requires_grad=True, device=device)
+        noise = np.random.default_rng(0).normal(0, 8, (BATCH, *pixels.shape[1:]))
+        self.x_batch = torch.tensor((pixels + noise).clip(0, 255).astype(np.float32),
+                                    requires_grad=True, device=device)
         self.target = target
-        self.saliency = Saliency(reference)
-        self.guided = GuidedBackprop(reference)
-        self.integrated = IntegratedGradients(reference)
+        self.saliency = Saliency(module)
+        self.guided = GuidedBackprop(module)
+        self.integrated = IntegratedGradients(module)
         self.noise_tunnel = NoiseTunnel(self.saliency)
 
 
-def timed(call, state):
+def timed(call, state, device):
     start = time.perf_counter()
     result = call(state)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
     return time.perf_counter() - start, result
 
 
 def to_numpy(result):
     if isinstance(result, tuple):
         result = result[0]
-    return np.asarray(result.detach() if hasattr(result, "detach") else result, np.float64)
-
-
-def ensure_model(args):
-    if not args.model.exists():
-        from onnxattr import caffe
-
-        caffe.export(args.caffe, args.model)
+    if hasattr(result, "detach"):
+        result = result.detach().cpu()
+    return np.asarray(result, np.float64)
 
 
 def child(args):
     """Run one case once on one side in this fresh process; print its peak memory."""
-    side, case = args.child
+    name, side, case = args.child
     if side == "onnxattr":
-        sys.modules["torch"] = None  # a stack without PyTorch (onnxruntime-training probes it)
-        state = OnnxattrSide(args)
+        sys.modules["torch"] = None  # a stack without PyTorch
+        state = OnnxattrSide(args, model_path(args, name))
     else:
-        state = _captum_only_state(args)
+        state = _captum_only_state(args, torch_module(args, name))
     before = _status_mb("VmRSS")
     call = cases(args)[case][0 if side == "onnxattr" else 1]
     call(state)
     print(json.dumps({"peak_mb": _status_mb("VmHWM"), "before_mb": before}))
 
 
-def _captum_only_state(args):
+def _captum_only_state(args, module):
     """Captum's side without loading onnxattr's runtime: the same pixels and target."""
     from onnxattr.image import load_pixels
 
     pixels = load_pixels(PHOTO, (224, 224))[None]
-    state = CaptumSide(args, pixels, 0)
+    state = CaptumSide(args, module, pixels, 0)
     state.target = int(state.model(state.x).argmax())
     return state
 
@@ -170,10 +242,11 @@ def _status_mb(field):
     return int(line.split()[1]) / 1024
 
 
-def peak_memory(args, side, case):
-    command = [sys.executable, __file__, "--child", side, case, "--model", str(args.model),
-               "--caffe", str(args.caffe), "--threads", str(args.threads),
-               "--ig-steps", args.ig_steps, "--ig-batch-sizes", args.ig_batch_sizes,
+def peak_memory(args, name, side, case):
+    command = [sys.executable, __file__, "--child", name, side, case, "--model", str(args.model),
+               "--caffe", str(args.caffe), "--threads", str(args.threads), "--out",
+               str(args.out), "--builder", args.builder, "--ig-steps", args.ig_steps,
+               "--ig-batch-sizes", args.ig_batch_sizes,
                "--smoothgrad-samples", str(args.smoothgrad_samples)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -183,43 +256,38 @@ def relative_l2(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ensure_model(args)
-    if args.child:
-        return child(args)
+def measure_model(args, name):
+    """The table of one model: a row per case."""
+    module = torch_module(args, name)
     table = cases(args)
-    ours = OnnxattrSide(args)
-    theirs = CaptumSide(args, ours.pixels, ours.targets[0])
-    times = {name: {"onnxattr": [], "captum": []} for name in table}
+    ours = OnnxattrSide(args, model_path(args, name))
+    theirs = CaptumSide(args, module, ours.pixels, ours.targets[0])
+    times = {case: {"onnxattr": [], "captum": []} for case in table}
     agreement = {}
-    for name, (ours_call, theirs_call) in table.items():  # warm-up, and the agreement check
+    for case, (ours_call, theirs_call) in table.items():  # warm-up, and the agreement check
         a, b = to_numpy(ours_call(ours)), to_numpy(theirs_call(theirs))
         # SmoothGrad draws its own noise on each side: no common answer to compare
-        agreement[name] = None if name == "smoothgrad" else relative_l2(a.reshape(b.shape), b)
+        agreement[case] = None if case == "smoothgrad" else relative_l2(a.reshape(b.shape), b)
     for _ in range(args.repeats):
-        for name, (ours_call, theirs_call) in table.items():
-            times[name]["onnxattr"].append(timed(ours_call, ours)[0])
-            times[name]["captum"].append(timed(theirs_call, theirs)[0])
+        for case, (ours_call, theirs_call) in table.items():
+            times[case]["onnxattr"].append(timed(ours_call, ours, args.device)[0])
+            times[case]["captum"].append(timed(theirs_call, theirs, args.device)[0])
     rows = []
-    for name in table:
-        row = {"case": name, "relative_l2": agreement[name]}
+    for case in table:
+        row = {"case": case, "relative_l2": agreement[case]}
         for side in ("onnxattr", "captum"):
-            row[f"{side}_s"] = statistics.median(times[name][side])
+            row[f"{side}_s"] = statistics.median(times[case][side])
         row["time_ratio"] = row["onnxattr_s"] / row["captum_s"]
-        if not args.no_memory:
+        if not args.no_memory and args.device == "cpu":
             for side in ("onnxattr", "captum"):
-                row[f"{side}_peak_mb"] = peak_memory(args, side, name)["peak_mb"]
+                row[f"{side}_peak_mb"] = peak_memory(args, name, side, case)["peak_mb"]
             row["memory_ratio"] = row["onnxattr_peak_mb"] / row["captum_peak_mb"]
         rows.append(row)
-    forward = next((r for r in rows if r["case"] == "forward"), None)
-    report = {"machine": machine(args), "rows": rows,
-              "gradient_over_forward": (next(r["onnxattr_s"] for r in rows if r["case"] ==
-                                             "gradient") / forward["onnxattr_s"])
-              if forward and "gradient" in table else None}
-    print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    seconds = {r["case"]: r["onnxattr_s"] for r in rows}
+    return {"model": name, "rows": rows, "builders": {f"{r}/{s}": b for (r, s), b in
+                                                      ours.engine.builders_used.items()},
+            "gradient_over_forward": seconds["gradient"] / seconds["forward"]
+            if {"gradient", "forward"} <= seconds.keys() else None}
 
 
 def machine(args):
@@ -228,26 +296,47 @@ def machine(args):
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": args.threads, "repeats": args.repeats, "python": platform.python_version(),
+            "device": args.device, "precision": args.precision,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
-def print_table(report):
-    m = report["machine"]
-    print(f"GoogLeNet 224x224, batch 1; {m['cores']} cores, {m['threads']} threads; medians of "
-          f"{m['repeats']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}")
+def print_table(report, machine_info):
+    m = machine_info
+    where = m["gpu"] or f"{m['cores']} cores, {m['threads']} threads"
+    print(f"\n{report['model']} 224x224, batch 1; {where}, {m['precision']}; medians of "
+          f"{m['repeats']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}; builders used: "
+          f"{report['builders']}")
     memory = "onnxattr_peak_mb" in report["rows"][0]
-    header = f"{'case':<20} {'onnxattr s':>11} {'captum s':>9} {'ratio':>6}"
-    header += f" {'onnxattr MB':>12} {'captum MB':>10} {'ratio':>6}" if memory else ""
-    print(header + f" {'rel L2':>8}")
+    header = f"| {'case':<22} | {'onnxattr s':>10} | {'Captum s':>9} | {'ratio':>5} |"
+    header += f" {'onnxattr MB':>11} | {'Captum MB':>9} | {'ratio':>5} |" if memory else ""
+    print(header + f" {'rel L2':>8} |")
     for r in report["rows"]:
-        line = f"{r['case']:<20} {r['onnxattr_s']:11.4f} {r['captum_s']:9.4f} {r['time_ratio']:6.2f}"
+        line = (f"| {r['case']:<22} | {r['onnxattr_s']:10.4f} | {r['captum_s']:9.4f} | "
+                f"{r['time_ratio']:5.2f} |")
         if memory:
-            line += (f" {r['onnxattr_peak_mb']:12.0f} {r['captum_peak_mb']:10.0f}"
-                     f" {r['memory_ratio']:6.2f}")
+            line += (f" {r['onnxattr_peak_mb']:11.0f} | {r['captum_peak_mb']:9.0f} |"
+                     f" {r['memory_ratio']:5.2f} |")
         agreement = "random" if r["relative_l2"] is None else f"{r['relative_l2']:.1e}"
-        print(line + f" {agreement:>8}")
+        print(line + f" {agreement:>8} |")
     if report["gradient_over_forward"]:
         print(f"onnxattr gradient / forward: {report['gradient_over_forward']:.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        sys.exit(f"unknown model(s): {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
+    info = machine(args)
+    reports = []
+    for name in args.models.split(","):
+        reports.append(measure_model(args, name))
+        print_table(reports[-1], info)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "models": reports}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ graphs are cached in --out/cache.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -66,7 +65,7 @@ def measure(args):
 
     pixels = np.load(args.pixels)
     targets = np.array(json.loads(args.targets), np.int64)
-    builder = _builder_argument(args.builder)
+    builder = args.builder
     report = {"status": "ok", "first_s": None, "gradient_s": None}
     try:
         start = time.perf_counter()
@@ -87,19 +86,6 @@ def measure(args):
     print(json.dumps(report), flush=True)
 
 
-def _builder_argument(builder):
-    """The Explainer's builder argument: passed through, except that an Explainer without a
-    builder argument (before the native builder) gets none for "onnxruntime", its only
-    builder; "native" is then passed all the same and fails as that row's error."""
-    import inspect
-
-    from onnxattr import Explainer
-
-    if builder == "onnxruntime" and "builder" not in inspect.signature(Explainer).parameters:
-        return None
-    return builder
-
-
 def run_child(path, pixels_file, targets, builder, cache, result, repeats, timeout):
     """The child's report, or a status saying how it died."""
     command = [sys.executable, __file__, "--measure", str(path), "--pixels", str(pixels_file),
@@ -117,49 +103,6 @@ def run_child(path, pixels_file, targets, builder, cache, result, repeats, timeo
 
 
 # ---- the parent: models, exports, references, rows ------------------------------------------
-
-def export_key(zoo, module, exporter):
-    """What an exported file depends on: the module (its structure and every weight and buffer),
-    the export function's code, torch's version and the exporter."""
-    import inspect
-
-    import torch
-
-    digest = hashlib.sha256()
-    for part in (repr(module), inspect.getsource(zoo.export), torch.__version__, exporter,
-                 str(module.size)):
-        digest.update(part.encode() + b"\0")
-    for key, value in module.state_dict().items():
-        digest.update(key.encode() + b"\0")
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_export(zoo, module, path, exporter, key):
-    """Export unless `path` holds an export with the same key; returns the opset. The file is
-    written under a temporary name and renamed, so an interrupted run leaves no half file
-    (single-file models only: every zoo model is far below the 2 GB protobuf limit)."""
-    import onnx
-
-    if path.exists():
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-            if {p.key: p.value for p in model.metadata_props}.get("zoo.key") == key:
-                return _opset(model)
-        except Exception:  # unreadable: export again
-            pass
-    partial = path.with_name(path.name + ".partial")
-    zoo.export(module, partial, exporter)
-    model = onnx.load(str(partial))
-    onnx.helper.set_model_props(model, {"zoo.key": key})
-    onnx.save(model, str(partial))
-    os.replace(partial, path)
-    return _opset(model)
-
-
-def _opset(model):
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
 
 def _fmt(value, spec):
     return "" if value is None else format(value, spec)
@@ -213,8 +156,7 @@ def run(args):
                     "p_top1": float(prob[0, targets[0]]), "torch_f32": torch_f32}
             try:
                 start = time.perf_counter()
-                base["opset"] = cached_export(zoo, module, path, exporter,
-                                              export_key(zoo, module, exporter))
+                base["opset"] = zoo.export_cached(module, path, exporter)
                 base["export_s"] = time.perf_counter() - start
             except Exception as err:
                 for builder in builders:

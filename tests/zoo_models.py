@@ -36,6 +36,9 @@ training would have settled, all of it seeded and data-dependent on 8 fixed rand
 """
 
 import copy
+import hashlib
+import inspect
+import json
 import math
 import tempfile
 import warnings
@@ -392,10 +395,53 @@ def export(module, path, exporter="torchscript", opset=None):
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.helper.set_model_props(model, {"onnxattr.input": json.dumps(
+        {"range": [0, 255], "preprocessing": "ImageNet normalisation inside the model"})})
     large = sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 2**24
     onnx.save(model, str(path), save_as_external_data=large,
               location=path.name + ".data" if large else None)
     return path
+
+
+def export_key(module, exporter):
+    """What an exported file depends on: the module (its structure and every weight and buffer),
+    the export function's code, torch's version and the exporter."""
+    digest = hashlib.sha256()
+    for part in (repr(module), inspect.getsource(export), torch.__version__, exporter,
+                 str(module.size)):
+        digest.update(part.encode() + b"\0")
+    for key, value in module.state_dict().items():
+        digest.update(key.encode() + b"\0")
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_cached(module, path, exporter="torchscript"):
+    """`export` unless `path` holds an export with the same `export_key`; returns the opset.
+    The file is written under a temporary name and renamed, so an interrupted run leaves no
+    half file (single-file models only: every zoo model is far below the 2 GB protobuf limit)."""
+    import onnx
+
+    path, key = Path(path), export_key(module, exporter)
+    if path.exists():
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            if {p.key: p.value for p in model.metadata_props}.get("zoo.key") == key:
+                return _opset(model)
+        except Exception:  # unreadable: export again
+            pass
+    unfinished = path.with_name(path.name + ".unfinished")
+    export(module, unfinished, exporter)
+    model = onnx.load(str(unfinished))
+    model.metadata_props.add(key="zoo.key", value=key)  # beside onnxattr.input
+    onnx.save(model, str(unfinished))
+    unfinished.replace(path)
+    return _opset(model)
+
+
+def _opset(model):
+    """The model's default-domain opset."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 # ---- gradients ------------------------------------------------------------------------------
