@@ -372,7 +372,11 @@ class Emitter:
     def _known_dtype(self, name):
         if name in self._dtypes:
             return self._dtypes[name]
-        return self.editor._inference()[1].get(name)
+        return self.editor.dtype(name, default=None)
+
+    def constant_names(self):
+        """The names of the shared constants this emitter made."""
+        return set(self._constants.values())
 
     def shape(self, name, node=None):
         return self.editor.shape(name, node)

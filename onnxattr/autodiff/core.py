@@ -103,7 +103,7 @@ class ReverseWalk:
     # --- the path --------------------------------------------------------------------------
 
     def _is_float(self, name):
-        dtype = self.editor._inference()[1].get(name)
+        dtype = self.editor.dtype(name, default=None)
         return dtype is None or np.dtype(dtype) in FLOAT_DTYPES
 
     def path(self):
@@ -268,7 +268,7 @@ def _install(model, editor, em, gradient_name, value_type):
         if needed.intersection(node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
-    constants = set(em._constants.values())
+    constants = em.constant_names()
     unused = constants - needed
     initializers = [t for t in graph.initializer if t.name not in unused]
     del graph.initializer[:]
