@@ -20,7 +20,7 @@ from .builders import GraphCache
 from .engine import AttributionEngine
 from .errors import OnnxAttrError
 from .files import atomic_path
-from .graph import GraphEditor, copy_model, is_standard, prune
+from .graph import GraphEditor, copy_model, prune
 from .lowering import lower_graph
 from .methods import compilable_methods, get_method
 from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
@@ -48,9 +48,7 @@ def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=N
         raise OnnxAttrError(f"{model} is already a compiled attribution model "
                             f"(method {classifier.compiled['method']})")
     engine = AttributionEngine(classifier, cache=GraphCache(cache_dir), builder=builder)
-    graph = engine.gradient_graph(rule, score)
-    if not all(is_standard(node) for node in graph.graph.node):
-        graph = lower_graph(graph)
+    graph = lower_graph(engine.gradient_graph(rule, score, portable=True))
     compiled = _attribution_model(graph, classifier, method, score)
     if output is not None:
         with atomic_path(output) as tmp:

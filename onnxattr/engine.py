@@ -78,14 +78,18 @@ class AttributionEngine:
                 batch_size)))
         return self._last_forward[1]
 
-    def gradient_graph(self, rule=VANILLA, score=PROB):
+    def gradient_graph(self, rule=VANILLA, score=PROB, portable=False):
         """The runnable gradient graph for a ReLU rule and score, built or read from the cache:
-        from the first builder that can make it (see onnxattr.builders)."""
+        from the first builder that can make it (see onnxattr.builders). `portable`: only a
+        graph of standard ops will do (onnxattr compile): a training graph some op of which has
+        no lowering rule counts as refused."""
         check_score(score)
         refused = []
         for builder in candidates(self.builder):
             try:
                 graph = self.built_graph(builder, rule, score)
+                if portable:
+                    lower_graph(graph)  # standard ops already, or the op without a rule
             except OnnxAttrError as err:
                 refused.append((builder, err))
                 continue

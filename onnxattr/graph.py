@@ -14,6 +14,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from .errors import OnnxAttrError
+from .runtime import onnxruntime
 
 MAX_IR_VERSION = 10  # the newest IR version every runtime we target loads (ORT-training 1.19.2)
 # The oldest default-domain opset of the graphs onnxattr writes: ScatterElements with reduction
@@ -118,7 +119,53 @@ def infer_shapes(model, symbolic=False):
              for v in values if v.type.tensor_type.elem_type}
     shapes.update({t.name: list(t.dims) for t in graph.initializer})
     types.update({t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in graph.initializer})
+    computed = [o for node in graph.node for o in node.output if o]
+    if any(name not in shapes or any(not isinstance(d, int) for d in shapes[name][1:])
+           for name in computed):
+        for name, observed in observed_shapes(model).items():
+            known = shapes.get(name)
+            if known is None or len(known) != len(observed):
+                known = [None] * len(observed)
+            # a size seen in both runs is static; one that followed the batch keeps its name
+            shapes[name] = [seen if seen is not None else named
+                            for seen, named in zip(observed, known)]
     return shapes, types
+
+
+def observed_shapes(model):
+    """{tensor name: [int, or None for a dimension that follows the batch]} of every tensor the
+    model computes, by running it (onnxruntime, zeros at batch 1 and at batch 2). The fallback
+    for what shape inference cannot follow, such as the channel shuffle of torch's ShuffleNet
+    export (H and W read off Shape and passed through a Div); {} when the model cannot run."""
+    if onnxruntime is None:
+        return {}
+    probe = copy_model(model)
+    listed = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in listed:
+                probe.graph.output.add().name = name
+                listed.add(name)
+    names = [o.name for o in probe.graph.output]
+    runs = []
+    try:
+        session = onnxruntime.InferenceSession(probe.SerializeToString())
+        for batch in (1, 2):
+            feeds = {i.name: np.zeros([d if isinstance(d, int) else batch for d in i.shape],
+                                      _numpy_type(i.type)) for i in session.get_inputs()}
+            runs.append(session.run(names, feeds))
+    except Exception:  # best effort, as inference is: a rule that needs a shape says so
+        return {}
+    return {name: [a if a == b else None for a, b in zip(one.shape, two.shape)]
+            for name, one, two in zip(names, *runs)
+            if isinstance(one, np.ndarray) and one.ndim == two.ndim}
+
+
+def _numpy_type(ort_type):
+    """numpy dtype of an onnxruntime input type string such as "tensor(float)"."""
+    return {"tensor(float)": np.float32, "tensor(double)": np.float64,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+            "tensor(bool)": np.bool_}.get(ort_type, np.float32)
 
 
 def prune(model):

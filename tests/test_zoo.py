@@ -98,3 +98,22 @@ def test_gradient_matches_torch(arch, exporter, builder, tiny_zoo, zoo_cache):
         raise
     errors = [zoo.relative_l2(a, e) for a, e in zip(actual, expected)]
     assert max(errors) <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0",
+                                  "mobilenet_v3_small", "convnext_tiny"])
+def test_compile(arch, tiny_zoo, zoo_cache, tmp_path):
+    """Models that could not compile (no lowering rule for SigmoidGrad; ConvGrad without a
+    static spatial shape; HardSwish, LayerNorm) compile ("auto": onnxruntime-training's graph
+    lowered where every op has a rule, else the native graph) and give float64 torch's
+    gradient."""
+    from onnxattr import Explainer, compile_model
+
+    module, path = tiny_zoo(arch, "torchscript")
+    compiled = tmp_path / "compiled.onnx"
+    compile_model(path, "gradient", output=compiled, cache_dir=zoo_cache)
+    pixels = zoo.random_pixels(module, count=2, seed=1)
+    targets = zoo.reference_forward(module, pixels).argmax(axis=1)
+    got = Explainer(compiled).engine.gradient(pixels, targets)[0]
+    want = zoo.reference_gradient(module, pixels, targets)
+    assert max(zoo.relative_l2(g, w) for g, w in zip(got, want)) <= TOLERANCE
