@@ -54,6 +54,8 @@ def require_provider(device):
         raise OnnxAttrError(f"device '{device}' needs {provider}, which this onnxruntime "
                             f"({ort.__version__}) does not have; available: "
                             f"{', '.join(ort.get_available_providers())}")
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # onnxruntime-gpu >= 1.21: the CUDA and cuDNN of pip's nvidia packages
     return provider
 
 

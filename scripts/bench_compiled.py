@@ -8,9 +8,8 @@ the training build's gradient graph, with the same number of threads.
     python scripts/bench_compiled.py [--model models/googlenet.onnx] [--threads 2]
                                      [--repeats 5] [--json out.json]
 
-`integrated_gradients(session, pixels, targets, steps)` (numpy + onnxruntime only) is also the
-IG used by scripts/gpu_check.sh and can be called by other benchmark scripts;
-`measure(args)` returns the table's numbers as a dict.
+`integrated_gradients(session, pixels, targets, steps)` (numpy + onnxruntime only) can be
+called by other benchmark scripts; `measure(args)` returns the table's numbers as a dict.
 """
 
 import argparse

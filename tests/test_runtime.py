@@ -80,3 +80,17 @@ def test_pad_last_keeps_one_shape_per_session():
     session = FakeSession()
     runtime.run_batched(session, {"x": x}, ["y"], batch_size=3)
     assert session.shapes == [(3, 1), (3, 1), (1, 1)]
+
+
+def test_gpu_check_says_when_there_is_no_cuda(tmp_path):
+    """scripts/gpu_check.py (the GPU benchmark) runs here up to the provider check: exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if "CUDAExecutionProvider" in runtime.onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "CUDAExecutionProvider not available" in done.stderr
