@@ -25,6 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
+# occlusion: onnxattr's defaults at 224 x 224 (a 45-pixel mask, stride 23: 81 masked images),
+# run 16 at a time on both sides, masked pixels set to the photo's channel means
+OCCLUSION_MASK, OCCLUSION_STRIDE, OCCLUSION_BATCH = 45, 23, 16
+GRAD_CAM_POOL = "pool5/7x7_s1"  # Grad-CAM's layer is the input of this module
 
 
 def common_arguments(parser):
@@ -64,6 +68,14 @@ def cases(args):
                        lambda s: s.noise_tunnel.attribute(
                            s.x, nt_type="smoothgrad", nt_samples=samples,
                            nt_samples_batch_size=samples, stdevs=0.15 * 255, target=s.target)),
+        # both compared as one map per pixel: onnxattr spreads it over the channels (map / C
+        # each), Captum writes it into every channel
+        "occlusion": (lambda s: s.method("occlusion", mask_size=OCCLUSION_MASK,
+                                         stride=OCCLUSION_STRIDE, mask_value="mean",
+                                         batch_size=OCCLUSION_BATCH).sum(axis=1),
+                      lambda s: s.occlude().mean(dim=1)),
+        "grad-cam": (lambda s: s.method("grad-cam").sum(axis=1),
+                     lambda s: s.grad_cam_map()),
     }
     for steps in map(int, args.ig_steps.split(",")):
         # "default": each side's own default chunking (onnxattr 16, Captum all steps at once)
@@ -88,8 +100,10 @@ class OnnxattrSide:
 
     def __init__(self, args):
         from onnxattr import Explainer
+        from onnxattr.methods import METHODS
 
         self.explainer = Explainer(args.model, threads=args.threads)
+        self.methods = METHODS
         self.engine = self.explainer.engine
         self.pixels = self.explainer.pixels([PHOTO])
         self.targets = [int(np.argmax(self.engine.forward(self.pixels)[0]))]
@@ -98,13 +112,29 @@ class OnnxattrSide:
         return self.explainer.explain(PHOTO, method=method, target=self.targets[0],
                                       **options).attribution
 
+    def method(self, name, batch_size=None, **options):
+        """A method on the decoded pixels, as the gradient cases call the engine: no image
+        decoding or figure data in the time."""
+        attribution, _ = self.methods[name].compute(self.engine, self.pixels,
+                                                    np.array(self.targets), "prob", batch_size,
+                                                    **options)
+        return attribution
+
 
 class CaptumSide:
     """Captum on a float32 PyTorch GoogLeNet of the same weights, the same photo and class."""
 
     def __init__(self, args, pixels, target):
         import torch
-        from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
+        from captum.attr import (
+            GuidedBackprop,
+            IntegratedGradients,
+            LayerAttribution,
+            LayerGradCam,
+            NoiseTunnel,
+            Occlusion,
+            Saliency,
+        )
 
         sys.path.insert(0, str(REPO / "tests"))
         from torch_googlenet import build_reference
@@ -118,6 +148,28 @@ class CaptumSide:
         self.guided = GuidedBackprop(reference)
         self.integrated = IntegratedGradients(reference)
         self.noise_tunnel = NoiseTunnel(self.saliency)
+        self.occlusion = Occlusion(reference)
+        self.layer_grad_cam = LayerGradCam(reference, reference.ops[GRAD_CAM_POOL])
+        self.interpolate = LayerAttribution.interpolate
+        self.torch = torch
+
+    def occlude(self):
+        """Captum's Occlusion with onnxattr's mask, stride and mask value (forward passes only,
+        so without autograd: Captum's best case)."""
+        x = self.x.detach()
+        with self.torch.no_grad():
+            return self.occlusion.attribute(
+                x, sliding_window_shapes=(3, OCCLUSION_MASK, OCCLUSION_MASK),
+                strides=(3, OCCLUSION_STRIDE, OCCLUSION_STRIDE), target=self.target,
+                baselines=x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(),
+                perturbations_per_eval=OCCLUSION_BATCH)
+
+    def grad_cam_map(self):
+        """Captum's LayerGradCam at inception_5b's output (the pool's input), ReLU'd, upsampled
+        bilinearly (align_corners=False) to the image."""
+        cam = self.layer_grad_cam.attribute(self.x, target=self.target, relu_attributions=True,
+                                            attribute_to_layer_input=True)
+        return self.interpolate(cam, tuple(self.x.shape[2:]), "bilinear")
 
 
 def timed(call, state):
