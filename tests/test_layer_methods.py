@@ -386,3 +386,17 @@ def test_audit_records_the_layer(odd_model, tmp_path):
     assert records["occlusion"]["mask_size"] == 2
     header = (tmp_path / "audit" / "summary.csv").read_text().splitlines()[0]
     assert "grad-cam_layer" in header and "occlusion_layer" not in header
+
+
+def test_a_conv_output_before_batchnorm_keeps_its_value_on_both_builders(tmp_path):
+    """onnxruntime-training's forward fixes fold BatchNormalization into the Conv before it,
+    which would change what the Conv's output holds; a layer there is kept unfolded."""
+    model = small_models.concat_batchnorm()
+    path = small_models.save(model, tmp_path / "m.onnx")
+    pixels = np.random.default_rng(2).uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    results = {}
+    for builder in ("onnxruntime", "native"):
+        engine = Explainer(path, cache_dir=tmp_path / builder, builder=builder).engine
+        results[builder] = engine.layer_gradient(pixels, [1, 2], "b0", "logit")
+    for ours, theirs in zip(results["onnxruntime"], results["native"]):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
