@@ -30,6 +30,7 @@ from .model import parse_numbers
 from .prepare import SCORES
 from .runtime import PROVIDERS
 
+BAR_STEPS = 100  # progress bar steps per method and image
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
                "../shared/models/bvlc_googlenet")
 
@@ -89,9 +90,9 @@ images_argument = click.argument("images", nargs=-1, required=True,
 RENDER_FLAGS = [
     click.option("--reduction", "render_reduction", default="sum", show_default=True,
                  metavar="[sum|max-abs]", help="Channel reduction of the attribution."),
-    click.option("--sign", "render_sign", default="absolute", show_default=True,
-                 metavar="[absolute|positive|negative|all]",
-                 help="Which evidence to draw; 'all' keeps the sign (blue-white-red)."),
+    click.option("--sign", "render_sign", metavar="[absolute|positive|negative|all]",
+                 help="Which evidence to draw; 'all' keeps the sign (blue-white-red) "
+                      "[default: absolute; all for occlusion]."),
     click.option("--clip", "render_clip", default="none", show_default=True,
                  metavar="[none|percentile|outlier-mass]",
                  help="Clip the largest values before rescaling."),
@@ -100,9 +101,9 @@ RENDER_FLAGS = [
     click.option("--cmap", "render_cmap", metavar="NAME",
                  help="Colormap: white-black, blue-white-red or any matplotlib name "
                       "(default: by style and sign)."),
-    click.option("--style", "render_style", default="map", show_default=True,
-                 metavar="[map|overlay|masked]",
-                 help="The map alone, blended over the photo, or the photo masked by it."),
+    click.option("--style", "render_style", metavar="[map|overlay|masked]",
+                 help="The map alone, blended over the photo, or the photo masked by it "
+                      "[default: map; overlay for grad-cam and occlusion]."),
     click.option("--alpha", "render_alpha", default="0.5", show_default=True, metavar="A",
                  help="Weight of the map in an overlay, 0..1."),
 ]
@@ -148,7 +149,20 @@ METHOD_FLAGS = {
     "noise": dict(type=float, help="--smooth: noise standard deviation as a fraction of the "
                                    f"image's pixel range [default: {DEFAULT_NOISE}]."),
     "seed": dict(type=int, help="Seed of --smooth's noise and of the uniform baseline."),
+    "layer": dict(help="grad-cam, guided-grad-cam: the layer (a tensor [N, K, h, w]) "
+                       "[default: the last spatial feature map before the classifier]."),
+    "mask_size": dict(type=int, help="occlusion: side of the square mask in pixels "
+                                     "[default: 20% of the image's shorter side]."),
+    "stride": dict(type=int, help="occlusion: step of the mask in pixels, at most the mask "
+                                  "size [default: half the mask size]."),
+    "mask_value": dict(help="occlusion: what masked pixels become: mean (each channel's mean "
+                            "over the image, default) or a pixel value."),
 }
+
+
+def flag(name):
+    """The command-line flag of a method option: mask_size -> --mask-size."""
+    return f"--{name.replace('_', '-')}"
 
 
 def method_flags(command):
@@ -159,7 +173,7 @@ def method_flags(command):
         kwargs["method_options"] = {k: v for k, v in given.items() if v is not None}
         return command(*args, **kwargs)
     for name, settings in reversed(METHOD_FLAGS.items()):
-        wrapper = click.option(f"--{name}", name, **settings)(wrapper)
+        wrapper = click.option(flag(name), name, **settings)(wrapper)
     return wrapper
 
 
@@ -167,7 +181,7 @@ def options_per_method(methods, given):
     """{method: the options out of `given` that it takes}; refuses a flag no method takes."""
     for name in given:
         if not any(name in METHODS[m].options for m in methods):
-            raise OnnxAttrError(f"--{name} does not apply to {', '.join(methods)}")
+            raise OnnxAttrError(f"{flag(name)} does not apply to {', '.join(methods)}")
     return {m: {k: v for k, v in given.items() if k in METHODS[m].options} for m in methods}
 
 
@@ -234,7 +248,7 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
         raise OnnxAttrError("--save-path needs --method integrated-gradients")
     check_output_folder(out_dir)
     failed = 0
-    with click.progressbar(length=len(images) * len(methods), label="explaining",
+    with click.progressbar(length=len(images) * len(methods) * BAR_STEPS, label="explaining",
                            file=sys.stderr) as bar:
         for stem, image in zip(_unique_stems(images), images):
             try:
@@ -281,21 +295,46 @@ def check_output_folder(out_dir):
 def explain_one(explainer, image, methods, target, score, prefix, save_raw, panel, advance,
                 options=None, method_options=None, batch_size=None, save_path=False):
     """Run every method on one image (with its `method_options`) and write its figures
-    (onnxattr.figures); returns the paths written. The file is decoded once for all methods."""
+    (onnxattr.figures); returns the paths written. The file is decoded once for all methods.
+    `advance(n)` moves the progress bar, BAR_STEPS per method (a long method moves it as it
+    goes)."""
     photo = load_image(image)
     results = []
     for method in methods:
         settings = (method_options or {}).get(method, {})
+        steps = _Steps(advance)
         result = explainer.explain(photo, method=method, target=target, score=score,
-                                   batch_size=batch_size, **settings)
+                                   batch_size=batch_size, progress=steps.reach, **settings)
         results.append(result)
         _echo_completeness(image, result, settings)
-        advance(1)
+        _echo_layer(image, result)
+        steps.reach(1.0)
     written = list(write_figures(results, f"{prefix}_", options, save_raw, panel).values())
     if save_path:
         written.append(save_integration_path(explainer, photo, Path(f"{prefix}_path.png"),
                                              method_options["integrated-gradients"]))
     return written
+
+
+class _Steps:
+    """A method's share of the progress bar: `reach(share done)` advances it to that share of
+    BAR_STEPS."""
+
+    def __init__(self, advance):
+        self.advance, self.done = advance, 0
+
+    def reach(self, share):
+        steps = int(share * BAR_STEPS) - self.done
+        if steps > 0:
+            self.advance(steps)
+            self.done += steps
+
+
+def _echo_layer(image, result):
+    """The layer a layer method used, with its size."""
+    if "layer" in result.extras:
+        height, width = result.cam.shape
+        click.echo(f"{image}: {result.method} at layer {result.layer} ({height}x{width})")
 
 
 def _echo_completeness(image, result, settings):

@@ -24,7 +24,16 @@ from .graph import GraphEditor, copy_model, prune
 from .lowering import lower_graph
 from .methods import compilable_methods, get_method
 from .model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
-from .prepare import LOGITS, ONEHOT, PROB, SCORES, check_score, contract_metadata, gradient_output
+from .prepare import (
+    LOGITS,
+    ONEHOT,
+    PROB,
+    SCORES,
+    check_score,
+    contract_metadata,
+    gradient_output,
+    select_scores,
+)
 from .relu_rules import RELU_RULES, VANILLA
 from .runtime import make_session, run_batched
 
@@ -62,7 +71,9 @@ def _compiled_rule(method):
     if method not in choices:
         raise OnnxAttrError(f"method '{method}' cannot be compiled (choose from "
                             f"{', '.join(choices)}; integrated-gradients, input-x-gradient and "
-                            "the smoothed methods run on a compiled gradient model)")
+                            "the smoothed methods run on a compiled gradient model, occlusion on "
+                            "any compiled model; grad-cam and guided-grad-cam need the source "
+                            "model)")
     return get_method(method).relu_rule
 
 
@@ -126,6 +137,9 @@ class CompiledEngine:
     onnxruntime-training is not needed. A model compiled for the probability computes no
     logits: `forward` and `gradient` return log-probabilities in their place (the logits up to
     a per-row constant); one compiled for the logit returns softmax(logits) as probabilities.
+    So forward-only methods (occlusion) run on it for its own score, or for the probability
+    of a logit model. Layer methods (Grad-CAM) are refused: the file holds the gradient with
+    respect to the image only, and compiling a layer's gradient is not offered (yet).
     """
 
     def __init__(self, classifier, device="cpu", threads=None, precision="float32"):
@@ -165,6 +179,23 @@ class CompiledEngine:
                               {IMAGE: pixels.astype(np.float32, copy=False)},
                               [self._class_output], batch_size)
         return self._both(values)
+
+    def target_scores(self, pixels, targets, score=PROB, batch_size=None):
+        """Each row's target score, float64 [N]; a model compiled for the probability has no
+        logits to give."""
+        check_score(score)
+        if score != PROB and self._class_output == PROB:
+            raise OnnxAttrError(f"this model is compiled for score '{self.score}' and has no "
+                                f"logits (asked for '{score}'; compile with --score {score})")
+        return select_scores(*self.forward(pixels, batch_size), targets, score)
+
+    def resolve_layer(self, layer=None):
+        raise OnnxAttrError("a compiled attribution model holds the gradient with respect to "
+                            "the image only; layer methods (grad-cam, guided-grad-cam) need "
+                            "the source model")
+
+    def layer_gradient(self, pixels, targets, layer, score=PROB, batch_size=None):
+        self.resolve_layer(layer)
 
     def gradient_graph(self, rule=VANILLA, score=PROB):
         raise OnnxAttrError("a compiled attribution model has no gradient graph to build; "

@@ -32,18 +32,21 @@ class Explanation:
     score: float  # softmax probability of the target class
     attribution: np.ndarray  # float32 (C, H, W): the method's attribution per pixel, RGB order
     photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
-    extras: dict = field(default_factory=dict)  # method-specific numbers
+    extras: dict = field(default_factory=dict)  # method-specific numbers (and a layer's name)
+    render_defaults: dict = field(default_factory=dict)  # the method's own drawing defaults
 
     @property
     def map(self):
         """float32 (H, W) in [0, 1]: channel sum of |attribution|, rescaled (the example's map)."""
         return attribution_map(self.attribution)
 
-    def render(self, reduction="sum", sign="absolute", clip="none", clip_value=None, cmap=None,
-               style="map", alpha=0.5):
+    def render(self, reduction="sum", sign=None, clip="none", clip_value=None, cmap=None,
+               style=None, alpha=0.5):
         """uint8 (H, W, 3) picture of the attribution (see `onnxattr.figures.RenderOptions`):
         sign absolute|positive|negative|all, reduction sum|max-abs, clip none|percentile|
-        outlier-mass (`clip_value`: its parameter), style map|overlay|masked, any colormap."""
+        outlier-mass (`clip_value`: its parameter), style map|overlay|masked, any colormap.
+        `sign` and `style` None: the method's default (`render_defaults`), else absolute and
+        map."""
         return RenderOptions(reduction, sign, clip, clip_value, cmap, style, alpha).render(self)
 
     def __getattr__(self, name):
@@ -143,11 +146,12 @@ class Explainer:
         raise OnnxAttrError(f"unknown class name '{target}'{hint}")
 
     def explain(self, image, method="gradient", target=None, score="prob", batch_size=None,
-                **options):
+                progress=None, **options):
         """Attribution of `method` for each image's target class (None: the top-1 class).
 
         A list of images (with a list of targets, or one target for all) is one batch and
-        gives a list of Explanations.
+        gives a list of Explanations. `progress(share done)` is called as a long method
+        (occlusion) advances.
         """
         images, single = _as_list(image)
         targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
@@ -165,7 +169,7 @@ class Explainer:
         indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
         with np.errstate(all="ignore"):
             attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
-                                                 **options)
+                                                 progress=progress, **options)
         if not np.isfinite(attribution).all():
             given = ", ".join(f"{k}={v!r}" for k, v in options.items() if v is not None)
             raise OnnxAttrError(f"{method} gave NaN or infinite attributions"
@@ -175,7 +179,7 @@ class Explainer:
             Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
                         self.labels[i],
                         float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
-                        .clip(0, 255).astype(np.uint8), extra)
+                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}))
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
         self._say_contract()
         return results[0] if single else results

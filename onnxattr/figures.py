@@ -8,7 +8,7 @@ method titled e.g. "Gradient Attribution Map (Egyptian cat)", optionally the raw
 "Images Along Integration Path" tile.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +28,46 @@ DEFAULT_CMAPS = {
     "masked": {False: None, True: None},  # the photo itself: no colormap
 }
 COLORBAR_STYLES = {"map", "overlay"}
+# The options a method may choose for itself (Method.render: Grad-CAM draws an overlay) where
+# the user leaves them None, and their values where neither does.
+METHOD_DEFAULTABLE = {"sign": "absolute", "style": "map"}
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How attributions become pictures; the defaults draw the example's map."""
+    """How attributions become pictures; the defaults draw the example's map.
+
+    `sign` and `style` None (the defaults) take the method's own choice where it has one
+    (`Explanation.render_defaults`, e.g. Grad-CAM's overlay), else absolute and map: an
+    explicit value always wins.
+    """
 
     reduction: str = "sum"  # channel reduction: sum | max-abs
-    sign: str = "absolute"  # absolute | positive | negative | all (signed, diverging)
+    sign: str = None  # absolute | positive | negative | all (signed, diverging)
     clip: str = "none"  # none | percentile | outlier-mass
     clip_value: float = None  # the clip's parameter (None: its default)
     cmap: str = None  # any matplotlib colormap, 'white-black' or 'blue-white-red' (None: by style)
-    style: str = "map"  # map | overlay | masked
+    style: str = None  # map | overlay | masked
     alpha: float = 0.5  # overlay weight of the map
+
+    def resolved(self, defaults=None):
+        """These options with `sign` and `style` filled in where None: from `defaults` (a
+        method's render defaults), else METHOD_DEFAULTABLE's values."""
+        chosen = {name: getattr(self, name) if getattr(self, name) is not None
+                  else (defaults or {}).get(name, fallback)
+                  for name, fallback in METHOD_DEFAULTABLE.items()}
+        return replace(self, **chosen)
 
     @property
     def signed(self):
-        return self.sign in render.SIGNED
+        return self.resolved().sign in render.SIGNED
 
     @property
     def colormap(self):
         """The colormap name used (the default for the style when `cmap` is None)."""
         if self.cmap is not None:
             return self.cmap
-        return DEFAULT_CMAPS.get(self.style, {}).get(self.signed)
+        return DEFAULT_CMAPS.get(self.resolved().style, {}).get(self.signed)
 
     def check(self):
         """Validate every option on a tiny map, so a bad value fails before any work."""
@@ -62,17 +78,22 @@ class RenderOptions:
 
     def map(self, attribution):
         """float32 (H, W) map of a (C, H, W) attribution: [0, 1], or [-1, 1] when signed."""
-        return render.attribution_map(attribution, reduction=self.reduction, sign=self.sign,
-                                      clip=self.clip, clip_value=self.clip_value)
+        return render.attribution_map(attribution, reduction=self.reduction,
+                                      sign=self.resolved().sign, clip=self.clip,
+                                      clip_value=self.clip_value)
 
     def image(self, attribution, photo):
         """uint8 (H, W, 3) picture of a (C, H, W) attribution over `photo` (uint8 (H, W, 3))."""
-        return render.styled(self.map(attribution), photo, style=self.style, cmap=self.colormap,
-                             alpha=self.alpha, signed=self.signed)
+        return render.styled(self.map(attribution), photo, style=self.resolved().style,
+                             cmap=self.colormap, alpha=self.alpha, signed=self.signed)
 
     def render(self, explanation):
-        """uint8 (H, W, 3) picture of an Explanation."""
-        return self.image(explanation.attribution, explanation.photo)
+        """uint8 (H, W, 3) picture of an Explanation, with its method's defaults."""
+        return self.for_result(explanation).image(explanation.attribution, explanation.photo)
+
+    def for_result(self, explanation):
+        """These options resolved for one Explanation's method."""
+        return self.resolved(explanation.render_defaults)
 
     def as_dict(self):
         return asdict(self)
@@ -101,12 +122,13 @@ def write_figures(results, prefix, options=None, save_raw=False, panel=False):
     render.save_photo_figure(written["photo"], first.photo, title)
     pictures = []
     for result in results:
-        picture = options.render(result)
+        chosen = options.for_result(result)
+        picture = chosen.render(result)
         pictures.append((result.title, picture))
         path = written[result.method] = Path(f"{prefix}{result.method}.png")
-        if options.style in COLORBAR_STYLES:
-            render.save_map_figure(path, picture, result.title, cmap=options.colormap,
-                                   signed=options.signed)
+        if chosen.style in COLORBAR_STYLES:
+            render.save_map_figure(path, picture, result.title, cmap=chosen.colormap,
+                                   signed=chosen.signed)
         else:
             render.save_map_figure(path, picture, result.title, colorbar=False)
         if save_raw:

@@ -98,6 +98,20 @@ def topological_order(nodes):
     return order
 
 
+def ancestors_nearest_first(graph, output):
+    """The nodes that feed tensor `output`, in a topological order reversed: its producer
+    first, then back towards the inputs."""
+    producers = {out: node for node in graph.node for out in node.output if out}
+    needed, stack = {}, [output]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed[id(node)] = node
+            stack.extend(node.input)
+    order = topological_order(node for node in graph.node if id(node) in needed)
+    return order[::-1]
+
+
 def infer_shapes(model, symbolic=False):
     """({tensor name: [int or None per dimension]}, {tensor name: numpy dtype}) from onnx shape
     inference (with constant propagation through Shape/Gather/Concat, so the dynamic reshapes

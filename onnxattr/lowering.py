@@ -20,9 +20,12 @@ per op in `LOWERING_RULES` (found by op type, as onnx's reference evaluator find
 
 Only the outputs the graph uses are lowered (ConvGrad's dW and dB are requested by the builder
 but unused here); a used output without a rule, or an op without a rule, is an OnnxAttrError
-naming it. Shapes come from shape inference with constant propagation (graph.infer_shapes), so
-the forward tensors of models whose reshapes are computed in the graph (ShuffleNet's channel
-shuffle) still have static spatial sizes.
+naming it. The builder also makes every forward MaxPool output its Indices, which only a
+MaxPoolGrad reads: the others lose them again (a layer's gradient for Grad-CAM reads none, and
+GoogLeNet's MaxPools run 13.5 ms with Indices against 0.6 ms without). Shapes come from shape
+inference with constant propagation (graph.infer_shapes), so the forward tensors of models
+whose reshapes are computed in the graph (ShuffleNet's channel shuffle) still have static
+spatial sizes.
 """
 
 import numpy as np
@@ -306,6 +309,7 @@ def lower_graph(model, opset=MIN_OPSET):
         nodes.extend(rule(low, node))
     low.editor.set_nodes(nodes)
     prune(lowered)
+    _drop_unread_indices(lowered)
     own = default_opset(model) or opset
     del lowered.opset_import[:]
     lowered.opset_import.append(helper.make_opsetid("", max(opset, own)))
@@ -314,3 +318,12 @@ def lower_graph(model, opset=MIN_OPSET):
         node.domain = ""
     del lowered.graph.value_info[:]
     return lowered
+
+
+def _drop_unread_indices(model):
+    """Remove the Indices output of every MaxPool whose Indices nothing reads (in place)."""
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] not in read:
+            del node.output[1:]

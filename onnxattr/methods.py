@@ -1,13 +1,21 @@
-"""Attribution methods: numpy around the engine's d score / d image.
+"""Attribution methods: numpy around the engine's forward passes and gradients.
 
 `METHODS` is the single source of a method's identity: its figure title, its function
 `(engine, pixels, targets, score, batch_size, *, <its options>) -> (attribution, extras)` where
 `attribution` is float32 [N, C, H, W] and `extras` is a list of per-image dicts of numbers
-(e.g. a completeness delta), and, for a method that is one gradient with a ReLU backward rule,
-that rule (such methods can be compiled, onnxattr.compile). The gradient-like methods come from
-the ReLU rule table itself (relu_rules.RELU_RULES, read live: a new rule is a new method with
-nothing else to touch); the others are one function and one entry of `OTHER_METHODS`; their
-keyword-only parameters are their options. The CLI's and compile's choices derive from here.
+(e.g. a completeness delta; a layer method adds its layer's name and its map before
+upsampling), for a method that is one gradient with a ReLU backward rule, that rule (such
+methods can be compiled, onnxattr.compile), and how its pictures are drawn unless the user
+says otherwise (`render`: RenderOptions fields, e.g. Grad-CAM as an overlay). The
+gradient-like methods come from the ReLU rule table itself (relu_rules.RELU_RULES, read live:
+a new rule is a new method with nothing else to touch); the others are one function and one
+entry of `OTHER_METHODS`; their keyword-only parameters are their options. A method that can
+say how far it is (occlusion: hundreds of forward passes) also takes `progress`, a callable
+of the share of its work done; that is not an option. The CLI's and compile's choices derive
+from here.
+
+A method whose result is one map per image (Grad-CAM, occlusion) returns it as the map / C in
+every channel, so the channel sum the pictures are drawn from is the map itself.
 
 `Method.compute` runs a method as it is, or averaged over noisy copies of the images
 (`smooth=`, see `SMOOTHINGS`) for every method alike:
@@ -28,10 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cam import grad_cam_maps, upsample
 from .errors import OnnxAttrError
 from .integration import DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks
 from .model import PIXEL_RANGE
+from .occlusion import coverage, mask_positions, mask_values, masked_chunks, occlusion_geometry
 from .relu_rules import RELU_RULES, VANILLA
+
+GUIDED = "guided"  # the ReLU rule of guided backpropagation (relu_rules.RELU_RULES)
+PROGRESS = "progress"  # the keyword of a method that reports its progress (not an option)
 
 CHUNK = 16  # images per gradient run for path images and noisy copies when batch_size is None
 # (GoogLeNet on 2 cores: the same speed per image as 32 or 50, 0.6x the memory of 32)
@@ -60,12 +73,17 @@ class Method:
     title: str  # figure title, "<title> (<class>)"
     attribute: Callable  # the method itself, see the module docstring
     relu_rule: str = None  # the ReLU backward rule, when the method is one such gradient
+    render: Mapping = None  # its default RenderOptions fields, where the user gives none
 
     @property
     def own_options(self):
         """The options of the method itself: the keyword-only parameters of `attribute`."""
         return tuple(name for name, p in inspect.signature(self.attribute).parameters.items()
-                     if p.kind is p.KEYWORD_ONLY)
+                     if p.kind is p.KEYWORD_ONLY and name != PROGRESS)
+
+    @property
+    def reports_progress(self):
+        return PROGRESS in inspect.signature(self.attribute).parameters
 
     @property
     def options(self):
@@ -77,8 +95,10 @@ class Method:
         return self.title if smooth is None else f"{_smoothing(smooth).prefix} {self.title}"
 
     def compute(self, engine, pixels, targets, score, batch_size, smooth=None, samples=None,
-                noise=None, seed=None, **options):
-        """(attribution, extras) of the method, smoothed when `smooth` names a SMOOTHINGS entry."""
+                noise=None, seed=None, progress=None, **options):
+        """(attribution, extras) of the method, smoothed when `smooth` names a SMOOTHINGS entry.
+        `progress(share done)` is called as the method advances, if it reports progress
+        (unsmoothed)."""
         unknown = sorted(set(options) - set(self.own_options))
         if seed is not None and smooth is None and "seed" not in self.own_options:
             unknown.append("seed (it needs smooth=...)")
@@ -92,6 +112,8 @@ class Method:
                                     f"{', '.join(SMOOTHINGS)})")
             if seed is not None:
                 options["seed"] = seed
+            if progress is not None and self.reports_progress:
+                options[PROGRESS] = progress
             return self.attribute(engine, pixels, targets, score, batch_size, **options)
         return self._smoothed(_smoothing(smooth), engine, pixels, targets, score, batch_size,
                               DEFAULT_SAMPLES if samples is None else samples,
@@ -203,9 +225,8 @@ def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DE
             rows = image == n
             mean_gradient[n] += np.tensordot(weights[step[rows]], gradient[rows], axes=1)
     attribution = (pixels.astype(np.float64) - baselines) * mean_gradient
-    prob, logits = engine.forward(np.concatenate([pixels, baselines]), batch_size)
-    scores = (prob if score == "prob" else logits)[np.arange(2 * len(pixels)),
-                                                   np.tile(targets, 2)].astype(np.float64)
+    scores = engine.target_scores(np.concatenate([pixels, baselines]), np.tile(targets, 2),
+                                  score, batch_size)
     difference = scores[:len(pixels)] - scores[len(pixels):]
     delta = attribution.sum(axis=(1, 2, 3)) - difference
     ends = zip(scores[:len(pixels)], scores[len(pixels):])
@@ -222,9 +243,75 @@ def _relative(delta, difference, ends):
     return float(abs(delta) / abs(difference))
 
 
+def grad_cam(engine, pixels, targets, score, batch_size, *, layer=None):
+    """Grad-CAM (Selvaraju et al. 2017) at `layer` (default: the last spatial feature map
+    before the classifier, onnxattr.layers): ReLU(sum_k alpha_k A_k), alpha_k the spatial mean
+    of dS/dA_k, upsampled bilinearly to the image (onnxattr.cam), as map / C per channel.
+    Extras per image: `layer` and `cam`, the float32 [h, w] map before upsampling."""
+    maps, extras = _upsampled_cams(engine, pixels, targets, score, batch_size, layer)
+    return _per_channel(maps, pixels.shape[1]), extras
+
+
+def guided_grad_cam(engine, pixels, targets, score, batch_size, *, layer=None):
+    """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the upsampled
+    Grad-CAM map, channel by channel. Extras as Grad-CAM's."""
+    maps, extras = _upsampled_cams(engine, pixels, targets, score, batch_size, layer)
+    guided, _, _ = engine.gradient(pixels, targets, GUIDED, score, batch_size)
+    return (guided * maps[:, None]).astype(np.float32), extras
+
+
+def _upsampled_cams(engine, pixels, targets, score, batch_size, layer):
+    """Grad-CAM maps at the image's size (float64 [N, H, W], from the float32 maps at the
+    layer's size), and the extras."""
+    layer = engine.resolve_layer(layer)
+    activation, gradient, _, _ = engine.layer_gradient(pixels, targets, layer, score,
+                                                       batch_size)
+    cams = grad_cam_maps(activation, gradient).astype(np.float32)
+    return upsample(cams, pixels.shape[2:]), [{"layer": layer, "cam": cam} for cam in cams]
+
+
+def occlusion(engine, pixels, targets, score, batch_size, progress=None, *, mask_size=None,
+              stride=None, mask_value="mean"):
+    """Occlusion sensitivity (onnxattr.occlusion): per pixel, the mean drop of the target's
+    score over the mask positions covering it, as map / C per channel. Forward passes only,
+    `batch_size` masked images at a time. Extras per image: mask_size, stride, positions."""
+    size = pixels.shape[2:]
+    mask_size, stride = occlusion_geometry(size, mask_size, stride)
+    values = mask_values(pixels, mask_value)
+    positions = mask_positions(size, mask_size, stride)
+    original = engine.target_scores(pixels, targets, score, batch_size)
+    drops = np.zeros((len(pixels), *size))
+    total, done = len(pixels) * len(positions), 0
+    for image, position, masked in masked_chunks(pixels, values, positions, mask_size,
+                                                 batch_size or CHUNK):
+        drop = original[image] - engine.target_scores(masked, targets[image], score,
+                                                      batch_size or CHUNK)
+        for n, (top, left), value in zip(image, positions[position], drop):
+            drops[n, top:top + mask_size, left:left + mask_size] += value
+        done += len(image)
+        if progress is not None:
+            progress(done / total)
+    sensitivity = drops / coverage(size, mask_size, positions)
+    return _per_channel(sensitivity, pixels.shape[1]), [
+        {"mask_size": mask_size, "stride": stride, "positions": len(positions)}
+        for _ in pixels]
+
+
+def _per_channel(maps, channels):
+    """float32 [N, C, H, W] attribution of one map [N, H, W] per image: map / C per channel."""
+    return np.repeat((maps / channels)[:, None], channels, axis=1).astype(np.float32)
+
+
 OTHER_METHODS = {
     "integrated-gradients": Method("Integrated Gradients", integrated_gradients),
     "input-x-gradient": Method("Input X Gradient", input_x_gradient),
+    # a coarse map is read against the photo beneath it
+    "grad-cam": Method("Grad-CAM", grad_cam, render={"style": "overlay"}),
+    "guided-grad-cam": Method("Guided Grad-CAM", guided_grad_cam),
+    # signed: occluding some regions raises the score (a third of the map's mass on GoogLeNet
+    # and the sample photo), which |map| would show as evidence for the class
+    "occlusion": Method("Occlusion Sensitivity", occlusion,
+                        render={"style": "overlay", "sign": "all"}),
 }
 
 

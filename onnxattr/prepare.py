@@ -219,24 +219,29 @@ TRAINING_FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LR
 # --- the prepared forward graph ------------------------------------------------------------------
 
 
-def prepare_forward(classifier, fixes=None):
+def prepare_forward(classifier, fixes=None, outputs=()):
     """A copy of the classifier's graph (at opset >= 17) with the pixel contract in front, the
     `fixes` (an op -> rule table such as TRAINING_FIXES) applied, and outputs exactly `prob` and
-    `logits`.
+    `logits`, then the intermediate tensors named in `outputs` (a layer for layer attribution).
 
-    The forward outputs are unchanged (tests check this); unused initializers are kept.
+    The forward outputs are unchanged (tests check this); unused initializers are kept. The
+    extra outputs are outputs while the fixes run, so no fix changes what they hold (a Conv
+    whose output is a graph output keeps its BatchNormalization unfolded).
     """
     model = copy_model(at_least_opset(classifier.proto))
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     editor = GraphEditor(model)
     editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
+    extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
+    model.graph.output.extend(extra)
     nodes = []
     for node in list(model.graph.node):
         fix = (fixes or {}).get(node.op_type)
         nodes.extend(fix(editor, node) if fix else [node])
     editor.set_nodes(nodes)
     _expose_class_outputs(editor, classifier, default_opset(model))
+    model.graph.output.extend(extra)
     return model
 
 
@@ -269,6 +274,12 @@ def check_score(score):
     if score not in SCORES:
         raise OnnxAttrError(f"unknown score '{score}' (choose {' or '.join(SCORES)})")
     return score
+
+
+def select_scores(prob, logits, targets, score):
+    """Each row's target score, float64 [N]: the probability or the logit by `score`."""
+    values = prob if check_score(score) == "prob" else logits
+    return values[np.arange(len(values)), np.asarray(targets)].astype(np.float64)
 
 
 def add_score_head(forward, score="prob"):

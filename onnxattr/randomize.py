@@ -39,7 +39,7 @@ from onnx import numpy_helper
 from .builders import MemoryCache
 from .engine import AttributionEngine
 from .errors import OnnxAttrError
-from .graph import copy_model, topological_order
+from .graph import ancestors_nearest_first, copy_model
 from .model import describe_model
 
 PARAMETERISED = ("Conv", "Gemm", "MatMul", "BatchNormalization")
@@ -92,19 +92,6 @@ def _node_parameters(node, initializers):
     return weights, biases, [], fan_in
 
 
-def _reversed_topological(graph, output):
-    """Nodes that feed tensor `output`, in a topological order reversed (output first)."""
-    producers = {out: node for node in graph.node for out in node.output if out}
-    needed, stack = {}, [output]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed[id(node)] = node
-            stack.extend(node.input)
-    order = topological_order(node for node in graph.node if id(node) in needed)
-    return order[::-1]
-
-
 def _group_keys(found, grouping):
     """{node name or "<op>:<weight>": group name} for the parameterised nodes `found`
     [(node, weight)], by `grouping` (see the module docstring)."""
@@ -139,7 +126,7 @@ def parameter_layers(proto, output=None, grouping="prefix"):
         output = describe_model(proto, "", "model").logits_output
     initializers = {t.name: t for t in graph.initializer}
     found = [(node, _node_parameters(node, initializers))
-             for node in _reversed_topological(graph, output) if node.op_type in PARAMETERISED]
+             for node in ancestors_nearest_first(graph, output) if node.op_type in PARAMETERISED]
     found = [(node, parameters) for node, parameters in found if parameters is not None]
     keys = _group_keys([(node, (p[0] or p[2])[0]) for node, p in found], grouping)
     layers, seen = {}, set()
@@ -222,7 +209,7 @@ class _SwappedCache:
     when some randomized initializer is not in the gradient graph under its own name."""
 
     def __init__(self, originals, engine_ref):
-        self.originals = originals  # shared: {(rule, score): graph} of the original model
+        self.originals = originals  # shared: the original model's graphs (OriginalGraphs)
         self.engine_ref = engine_ref  # () -> the randomized engine
         self.graphs = {}
 
@@ -232,10 +219,10 @@ class _SwappedCache:
             self.graphs[key] = self._swap(**options) or build()
         return self.graphs[key]
 
-    def _swap(self, builder, rule, score):
-        base = self.originals.graph(builder, rule, score)
-        forward = self.engine_ref().forward_graph(builder)
-        original_forward = self.originals.engine.forward_graph(builder)
+    def _swap(self, builder, rule, score, layer=None):
+        base = self.originals.graph(builder, rule, score, layer)
+        forward = self.engine_ref().forward_graph(builder, layer)
+        original_forward = self.originals.engine.forward_graph(builder, layer)
         before = {t.name: t for t in original_forward.graph.initializer}
         replaced = {t.name: t for t in forward.graph.initializer
                     if t.name not in before
@@ -259,10 +246,10 @@ class OriginalGraphs:
         self.engine = engine
         self.graphs = {}
 
-    def graph(self, builder, rule, score):
-        key = (builder, rule, score)
+    def graph(self, builder, rule, score, layer=None):
+        key = (builder, rule, score, layer)
         if key not in self.graphs:
-            self.graphs[key] = self.engine.built_graph(builder, rule, score)
+            self.graphs[key] = self.engine.built_graph(builder, rule, score, layer)
         return self.graphs[key]
 
 

@@ -33,6 +33,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 SUMMARY_VERSION = 1
 TOP = 5
 DELTA_KEYS = ("convergence_delta", "relative_convergence_delta")
+TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns written as they are
 
 
 def parse_methods(text):
@@ -158,7 +159,7 @@ def audit_image(explainer, path, key, methods, out_dir, options, target_index, s
             errors.append(f"{method}: {record['error']}")
         else:
             record.update(status="done", time_s=round(time.perf_counter() - start, 4),
-                          **_numbers(result.extras))
+                          **_recorded(result.extras))
             results.append(result)
         advance(1)
     if results:
@@ -186,12 +187,16 @@ def _message(err):
     return " ".join(text.split())
 
 
-def _numbers(extras):
-    """The method's scalar extras (e.g. IG's convergence deltas) as JSON numbers."""
+def _recorded(extras):
+    """The method's scalar extras (e.g. IG's convergence deltas) as JSON numbers, and its
+    names (a layer method's layer); arrays (a Grad-CAM map) stay out."""
     numbers = {}
     for name, value in (extras or {}).items():
         if value is None:  # a number that is not defined here (e.g. a relative delta of 0 / 0)
             numbers[name] = None
+            continue
+        if isinstance(value, str):
+            numbers[name] = value
             continue
         try:
             number = float(value)
@@ -249,8 +254,9 @@ def csv_rows(summary):
     methods = summary["methods"]
     header = ["file", "status", "error", "predicted_index", "predicted_label", "score", "top5",
               "target_index", "target_label", "target_score"]
-    per_method = ["time_s", *DELTA_KEYS, "error"]
-    header += [f"{m}_{column}" for m in methods for column in per_method]
+    columns = {m: ["time_s", *DELTA_KEYS, *(["layer"] if "layer" in METHODS[m].options else []),
+                   "error"] for m in methods}
+    header += [f"{m}_{column}" for m in methods for column in columns[m]]
     rows = [header]
     for e in summary["images"]:
         predicted, target = e.get("predicted") or {}, e.get("target") or {}
@@ -260,8 +266,8 @@ def csv_rows(summary):
                target.get("index", ""), target.get("label", ""), _fmt(target.get("score"))]
         for m in methods:
             record = e.get("methods", {}).get(m, {})
-            row += [_fmt(record.get(column)) if column != "error" else record.get("error") or ""
-                    for column in per_method]
+            row += [_fmt(record.get(column)) if column not in TEXT_COLUMNS
+                    else record.get(column) or "" for column in columns[m]]
         rows.append(row)
     return rows
 

@@ -35,10 +35,15 @@ def has_training_builder():
 
 
 def build_training_gradient(scored, wrt, rule=VANILLA, output=SCORE):
-    """The training builder's graph of d `output` / d `wrt` (a graph input of `scored`), with
-    `rule` at every ReLU. Keeps every output of `scored` and adds `<wrt>_grad`."""
+    """The training builder's graph of d `output` / d `wrt`, with `rule` at every ReLU. Keeps
+    every output of `scored` and adds `<wrt>_grad`.
+
+    `wrt` is a graph input or any intermediate tensor: the GradientGraphBuilder takes a tensor
+    name and stops its backward walk there (a layer's gradient for Grad-CAM; tested against
+    the native builder and float64 PyTorch on GoogLeNet and ResNet-18), so no probe input is
+    needed."""
     relu_rule(rule)  # an unknown rule fails before the build
-    return rewrite_relu_gradients(training_builder_graph(scored, wrt, output), rule, scored)
+    return rewrite_relu_gradients(training_builder_graph(scored, wrt, output), rule, scored, wrt)
 
 
 def training_builder_graph(scored, wrt, output=SCORE):
@@ -74,13 +79,14 @@ def _builder_error(message):
     return f"onnxruntime-training's gradient builder failed: {last_line[-300:]}"
 
 
-def score_path(forward):
-    """The nodes of `forward` on a path from its image input to its `score` output, in order."""
+def score_path(forward, wrt=None):
+    """The nodes of `forward` on a path from tensor `wrt` (default: its image input) to its
+    `score` output, in order."""
     graph = forward.graph
     initializers = {t.name for t in graph.initializer}
-    reached = {i.name for i in graph.input} - initializers - {ONEHOT}
+    reached = {wrt} if wrt else {i.name for i in graph.input} - initializers - {ONEHOT}
     downstream = []
-    for node in graph.node:  # topological order: one pass finds everything fed by the image
+    for node in graph.node:  # topological order: one pass finds everything fed by the source
         if reached.intersection(node.input):
             reached.update(node.output)
             downstream.append(node)
@@ -93,18 +99,20 @@ def score_path(forward):
     return path[::-1]
 
 
-def rewrite_relu_gradients(gradient_graph, rule, forward):
+def rewrite_relu_gradients(gradient_graph, rule, forward, wrt=None):
     """A copy of `gradient_graph` whose ReluGrad nodes compute `rule`'s dX instead.
 
-    `forward` is the scored forward model the gradient graph was built from; it fixes how many
-    ReluGrad nodes there must be. Raises OnnxAttrError on an unknown rule, a count mismatch,
+    `forward` is the scored forward model the gradient graph was built from, differentiated
+    with respect to `wrt` (default: its image input); the Relu nodes between the two fix how
+    many ReluGrad nodes there must be. Raises OnnxAttrError on an unknown rule, a count mismatch,
     and, for the modified rules, a model without Relu or with another rectifier on the path.
     """
     backward = relu_rule(rule)
-    path = score_path(forward)
+    path = score_path(forward, wrt)
     expected = sum(node.op_type == "Relu" for node in path)
+    source = f"'{wrt}'" if wrt else "the image"
     if rule != VANILLA:
-        _check_rectifiers(path, rule, expected)
+        _check_rectifiers(path, rule, expected, source)
     model = copy_model(gradient_graph)
     em = Emitter(GraphEditor(model), "relu_rule/")
     count = 0
@@ -118,20 +126,20 @@ def rewrite_relu_gradients(gradient_graph, rule, forward):
             em.nodes.append(node)
     if count != expected:
         raise OnnxAttrError(f"the gradient graph has {count} ReluGrad nodes for {expected} Relu "
-                            f"nodes between the image and the score; cannot apply the '{rule}' "
+                            f"nodes between {source} and the score; cannot apply the '{rule}' "
                             "rule to every ReLU")
     em.editor.set_nodes(em.nodes)
     return model
 
 
-def _check_rectifiers(path, rule, relus):
+def _check_rectifiers(path, rule, relus, source):
     others = [node for node in path if node.op_type in OTHER_RECTIFIERS]
     if others:
         found = ", ".join(f"{n.op_type} '{n.name}'" for n in others[:3])
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         raise OnnxAttrError(f"the '{rule}' ReLU backward rule is defined for Relu only here; "
-                            f"the model has {found}{more} between the image and the score (use "
+                            f"the model has {found}{more} between {source} and the score (use "
                             "the plain gradient, or --builder native, which also gates ReLU6)")
     if relus == 0:
-        raise OnnxAttrError(f"the model has no Relu between the image and the score, so the "
+        raise OnnxAttrError(f"the model has no Relu between {source} and the score, so the "
                             f"'{rule}' ReLU backward rule does not apply (use the plain gradient)")

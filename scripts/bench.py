@@ -38,6 +38,9 @@ CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
 MODELS = ("googlenet", "resnet18", "mobilenet_v2")
 BATCH = 64  # the batched-gradient case
+# occlusion: onnxattr's defaults at 224 x 224 (a 45-pixel mask, stride 23: 81 masked images),
+# run 16 at a time on both sides, masked pixels set to the photo's channel means
+OCCLUSION_MASK, OCCLUSION_STRIDE, OCCLUSION_BATCH = 45, 23, 16
 
 
 def common_arguments(parser):
@@ -93,6 +96,14 @@ def cases(args):
                        lambda s: s.noise_tunnel.attribute(
                            s.x, nt_type="smoothgrad", nt_samples=samples,
                            nt_samples_batch_size=samples, stdevs=0.15 * 255, target=s.target)),
+        # both compared as one map per pixel: onnxattr spreads it over the channels (map / C
+        # each), Captum writes it into every channel
+        "occlusion": (lambda s: s.method("occlusion", mask_size=OCCLUSION_MASK,
+                                         stride=OCCLUSION_STRIDE, mask_value="mean",
+                                         batch_size=OCCLUSION_BATCH).sum(axis=1),
+                      lambda s: s.occlude().mean(dim=1)),
+        "grad-cam": (lambda s: s.method("grad-cam").sum(axis=1),
+                     lambda s: s.grad_cam_map()),
     }
     for steps in map(int, args.ig_steps.split(",")):
         # "default": each side's own default chunking (onnxattr 16, Captum all steps at once)
@@ -168,13 +179,40 @@ class OnnxattrSide:
         return self.explainer.explain(PHOTO, method=method, target=self.targets[0],
                                       **options).attribution
 
+    def method(self, name, batch_size=None, **options):
+        """A method on the decoded pixels, as the gradient cases call the engine: no image
+        decoding or figure data in the time."""
+        from onnxattr.methods import METHODS
+
+        attribution, _ = METHODS[name].compute(self.engine, self.pixels, np.array(self.targets),
+                                               "prob", batch_size, **options)
+        return attribution
+
+
+def grad_cam_layer(name, module):
+    """Captum's layer for Grad-CAM at onnxattr's default layer (the last 4-D activation before
+    the global pooling): (the torch module, whether that activation is its input)."""
+    if name == "googlenet":
+        return module.ops["pool5/7x7_s1"], True
+    if name == "resnet18":
+        return module.net.layer4, False
+    return module.net.features, False  # MobileNetV2: pooled by a functional call after it
+
 
 class CaptumSide:
     """Captum on the float32 PyTorch model of the same weights, the same photo and class."""
 
-    def __init__(self, args, module, pixels, target):
+    def __init__(self, args, name, module, pixels, target):
         import torch
-        from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
+        from captum.attr import (
+            GuidedBackprop,
+            IntegratedGradients,
+            LayerAttribution,
+            LayerGradCam,
+            NoiseTunnel,
+            Occlusion,
+            Saliency,
+        )
 
         torch.set_num_threads(args.threads)
         tf32 = args.precision == "tf32"
@@ -191,6 +229,29 @@ class CaptumSide:
         self.guided = GuidedBackprop(module)
         self.integrated = IntegratedGradients(module)
         self.noise_tunnel = NoiseTunnel(self.saliency)
+        self.occlusion = Occlusion(module)
+        layer, self.cam_of_input = grad_cam_layer(name, module)
+        self.layer_grad_cam = LayerGradCam(module, layer)
+        self.interpolate = LayerAttribution.interpolate
+        self.torch = torch
+
+    def occlude(self):
+        """Captum's Occlusion with onnxattr's mask, stride and mask value (forward passes only,
+        so without autograd: Captum's best case)."""
+        x = self.x.detach()
+        with self.torch.no_grad():
+            return self.occlusion.attribute(
+                x, sliding_window_shapes=(3, OCCLUSION_MASK, OCCLUSION_MASK),
+                strides=(3, OCCLUSION_STRIDE, OCCLUSION_STRIDE), target=self.target,
+                baselines=x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(),
+                perturbations_per_eval=OCCLUSION_BATCH)
+
+    def grad_cam_map(self):
+        """Captum's LayerGradCam at the layer, ReLU'd, upsampled bilinearly (align_corners
+        False) to the image."""
+        cam = self.layer_grad_cam.attribute(self.x, target=self.target, relu_attributions=True,
+                                            attribute_to_layer_input=self.cam_of_input)
+        return self.interpolate(cam, tuple(self.x.shape[2:]), "bilinear")
 
 
 def timed(call, state, device):
@@ -218,19 +279,19 @@ def child(args):
         sys.modules["torch"] = None  # a stack without PyTorch
         state = OnnxattrSide(args, model_path(args, name))
     else:
-        state = _captum_only_state(args, torch_module(args, name))
+        state = _captum_only_state(args, name, torch_module(args, name))
     before = _status_mb("VmRSS")
     call = cases(args)[case][0 if side == "onnxattr" else 1]
     call(state)
     print(json.dumps({"peak_mb": _status_mb("VmHWM"), "before_mb": before}))
 
 
-def _captum_only_state(args, module):
+def _captum_only_state(args, name, module):
     """Captum's side without loading onnxattr's runtime: the same pixels and target."""
     from onnxattr.image import load_pixels
 
     pixels = load_pixels(PHOTO, (224, 224))[None]
-    state = CaptumSide(args, module, pixels, 0)
+    state = CaptumSide(args, name, module, pixels, 0)
     state.target = int(state.model(state.x).argmax())
     return state
 
@@ -261,7 +322,7 @@ def measure_model(args, name):
     module = torch_module(args, name)
     table = cases(args)
     ours = OnnxattrSide(args, model_path(args, name))
-    theirs = CaptumSide(args, module, ours.pixels, ours.targets[0])
+    theirs = CaptumSide(args, name, module, ours.pixels, ours.targets[0])
     times = {case: {"onnxattr": [], "captum": []} for case in table}
     agreement = {}
     for case, (ours_call, theirs_call) in table.items():  # warm-up, and the agreement check

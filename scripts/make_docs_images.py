@@ -1,6 +1,8 @@
-"""Regenerate the README's pictures in docs/: one per rendering style, a panel, the audit page.
+"""Regenerate the README's pictures in docs/: one per rendering style, a panel, the map of each
+method that is drawn its own way (Grad-CAM, guided Grad-CAM, occlusion), the audit page.
 
     .venv/bin/python scripts/make_docs_images.py [--model models/googlenet.onnx]
+                                                 [--only styles|methods|audit ...]
 
 Needs the exported GoogLeNet (scripts/export_googlenet.py); the audit screenshot needs Chromium
 (skipped with a note when it is missing). The pictures are compressed to stay small.
@@ -32,6 +34,8 @@ STYLES = [
      RenderOptions(style="masked", clip="percentile", clip_value=95)),
     ("style-signed.png", "gradient", RenderOptions(sign="all", clip="percentile")),
 ]
+# methods pictured with their own defaults (docs/<method>.png)
+OWN_PICTURES = ["grad-cam", "guided-grad-cam", "occlusion"]
 
 
 def shrink(path, palette=False):
@@ -57,6 +61,17 @@ def style_pictures(explainer, docs):
         shutil.copyfile(written["panel"], docs / "panel.png")
     shrink(docs / "panel.png")
     print(docs / "panel.png")
+
+
+def method_pictures(explainer, docs):
+    """Each of OWN_PICTURES as `explain` draws it by default."""
+    for method in OWN_PICTURES:
+        result = explainer.explain(PHOTO, method=method)
+        with tempfile.TemporaryDirectory() as tmp:
+            written = write_figures([result], f"{tmp}/", RenderOptions())
+            shutil.copyfile(written[method], docs / f"{method}.png")
+        shrink(docs / f"{method}.png")
+        print(docs / f"{method}.png")
 
 
 def audit_screenshot(explainer, docs):
@@ -88,15 +103,21 @@ def audit_screenshot(explainer, docs):
     print(docs / "audit.png")
 
 
+PICTURES = {"styles": style_pictures, "methods": method_pictures, "audit": audit_screenshot}
+
+
 @click.command()
 @click.option("--model", default=str(REPO / "models" / "googlenet.onnx"), show_default=True)
 @click.option("--docs", default=str(REPO / "docs"), show_default=True)
-def main(model, docs):
+@click.option("--only", multiple=True, type=click.Choice(list(PICTURES)),
+              help="Make only these pictures (repeatable) [default: all].")
+def main(model, docs, only):
     docs = Path(docs)
     docs.mkdir(exist_ok=True)
     explainer = Explainer(model)
-    style_pictures(explainer, docs)
-    audit_screenshot(explainer, docs)
+    for name, make in PICTURES.items():
+        if not only or name in only:
+            make(explainer, docs)
 
 
 if __name__ == "__main__":

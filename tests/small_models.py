@@ -20,8 +20,9 @@ def _weights(rng, *shape, scale=0.5):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0):
-    """Wrap `nodes` (image -> `features` [N, F]) with a Gemm head and optionally a Softmax."""
+def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0, size=(SIZE, SIZE)):
+    """Wrap `nodes` (image -> `features` [N, F]) with a Gemm head and optionally a Softmax;
+    the image is [N, 3, *size]."""
     rng = np.random.default_rng(seed + 100)
     dim = initializers.pop("__features__")
     initializers = dict(initializers, head_w=_weights(rng, classes, dim, scale=0.3),
@@ -34,7 +35,7 @@ def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0):
         outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])]
     graph = helper.make_graph(
         nodes, "small", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                       ["N", 3, SIZE, SIZE])], outputs,
+                                                       ["N", 3, *size])], outputs,
         [numpy_helper.from_array(v, k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -57,6 +58,24 @@ def conv_relu_maxpool_lrn(seed=0):
     # 8x8 -> conv (pad 1) 8x8 -> maxpool 3/2 ceil -> 4x4 (floor would give 3x3)
     return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
                               "__features__": 4 * 4 * 4}, "f", seed=seed)
+
+
+def conv_relu_global_pool(size=(9, 7), seed=0):
+    """Conv -> Relu -> Conv (stride 2) -> Relu -> GlobalAveragePool -> Flatten -> Gemm ->
+    Softmax, on images of any `size` (the default's sides are odd and unequal)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+    ]
+    return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
+                              "w2": _weights(rng, 6, 4, 3, 3), "b2": _weights(rng, 6),
+                              "__features__": 6}, "f", seed=seed, size=size)
 
 
 def concat_batchnorm(seed=0, softmax=True):
