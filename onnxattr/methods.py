@@ -74,6 +74,13 @@ class Method:
     attribute: Callable  # the method itself, see the module docstring
     relu_rule: str = None  # the ReLU backward rule, when the method is one such gradient
     render: Mapping = None  # its default RenderOptions fields, where the user gives none
+    uses: str = None  # a modified ReLU rule the method needs besides (guided Grad-CAM)
+
+    @property
+    def modified_rule(self):
+        """The modified ReLU rule the method's gradients need (None: the plain gradient)."""
+        rule = self.uses or self.relu_rule
+        return None if rule in (None, VANILLA) else rule
 
     @property
     def own_options(self):
@@ -307,7 +314,7 @@ OTHER_METHODS = {
     "input-x-gradient": Method("Input X Gradient", input_x_gradient),
     # a coarse map is read against the photo beneath it
     "grad-cam": Method("Grad-CAM", grad_cam, render={"style": "overlay"}),
-    "guided-grad-cam": Method("Guided Grad-CAM", guided_grad_cam),
+    "guided-grad-cam": Method("Guided Grad-CAM", guided_grad_cam, uses="guided"),
     # signed: occluding some regions raises the score (a third of the map's mass on GoogLeNet
     # and the sample photo), which |map| would show as evidence for the class
     "occlusion": Method("Occlusion Sensitivity", occlusion,

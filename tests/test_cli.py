@@ -232,7 +232,7 @@ def test_method_all_leaves_out_what_does_not_apply(small_classifier, monkeypatch
     assert code == 0, err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 2, err  # the left-out methods, the assumed pixel contract
-    assert "--method all leaves out guided-backprop, zeiler-fergus" in notes[0]
+    assert "--method all leaves out guided-backprop, zeiler-fergus, guided-grad-cam" in notes[0]
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"photo_gradient.png", "photo_integrated-gradients.png"} <= written
     assert not any("guided" in name for name in written)

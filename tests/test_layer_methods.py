@@ -14,7 +14,7 @@ from test_cli import assert_one_line_error, run_cli
 from onnxattr import Explainer, OnnxAttrError, compile_model
 from onnxattr.builders import BUILDERS
 from onnxattr.cam import upsample
-from onnxattr.cli import options_per_method
+from onnxattr.cli_flags import options_per_method
 from onnxattr.figures import RenderOptions
 from onnxattr.image import load_pixels
 from onnxattr.report import run_audit
