@@ -71,14 +71,14 @@ class AttributionEngine:
         return run_batched(session, feeds, outputs, batch_size, self.classifier.batch,
                            pad_last=self.device == "cuda")
 
-    def forward(self, pixels, batch_size=None):
+    def forward(self, pixels, batch_size=None, reuse=True):
         """Class probabilities and logits for pixels [N, C, H, W].
 
         The last result is kept: several methods on the same images (the CLI's --method all,
-        integrated gradients' S(I)) classify them once.
+        integrated gradients' S(I)) classify them once; `reuse=False` runs the model anyway.
         """
         key = (pixels.shape, hashlib.blake2b(np.ascontiguousarray(pixels).tobytes()).digest())
-        if self._last_forward[0] != key:
+        if self._last_forward[0] != key or not reuse:
             if self._forward_session is None:
                 self._forward_session = self.session(self.forward_graph())
             self._last_forward = (key, tuple(self.run(

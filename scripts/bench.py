@@ -78,7 +78,7 @@ def cases(args):
     """name -> (onnxattr call, captum call), each taking the prepared side state."""
     samples = args.smoothgrad_samples
     table = {
-        "forward": (lambda s: s.engine.forward(s.pixels),
+        "forward": (lambda s: s.engine.forward(s.pixels, reuse=False),
                     lambda s: s.model(s.x)),
         "gradient": (lambda s: s.engine.gradient(s.pixels, s.targets)[0],
                      lambda s: s.saliency.attribute(s.x, target=s.target, abs=False)),
@@ -345,8 +345,8 @@ def measure_model(args, name):
             row["memory_ratio"] = row["onnxattr_peak_mb"] / row["captum_peak_mb"]
         rows.append(row)
     seconds = {r["case"]: r["onnxattr_s"] for r in rows}
-    return {"model": name, "rows": rows, "builders": {f"{r}/{s}": b for (r, s), b in
-                                                      ours.engine.builders_used.items()},
+    used = {"/".join(str(k) for k in key if k): b for key, b in ours.engine.builders_used.items()}
+    return {"model": name, "rows": rows, "builders": used,
             "gradient_over_forward": seconds["gradient"] / seconds["forward"]
             if {"gradient", "forward"} <= seconds.keys() else None}
 

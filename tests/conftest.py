@@ -151,3 +151,13 @@ def stock_python():
                         f"{done.stderr.strip().splitlines()[-1:]}")
         marker.write_text(json.dumps(wanted))
     return python
+
+
+NETWORK_FIXTURES = {"stock_python", "node_example"}  # pip or npm install on their first use
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that need a package registry (through their fixtures) `network`."""
+    for item in items:
+        if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)

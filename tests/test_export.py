@@ -120,6 +120,7 @@ def test_metadata(googlenet_path):
 
 
 @pytest.mark.torchvision
+@pytest.mark.slow
 def test_torchvision_export(tmp_path):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")

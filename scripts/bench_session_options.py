@@ -1,0 +1,98 @@
+"""Time and peak memory of integrated gradients under onnxruntime's session options.
+
+Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50 on GoogLeNet
+(or another model) through onnxattr's engine, chunks of `--batch-size` path images, median of
+`--repeats` runs after one warm-up. Variants:
+
+    default        onnxattr's session (memory arena and memory pattern on, ORT_ENABLE_ALL)
+    no-arena       enable_cpu_mem_arena = False
+    no-pattern     enable_mem_pattern = False
+    no-spinning    session.intra_op.allow_spinning = 0 (threads sleep between ops)
+
+    python scripts/bench_session_options.py [--model models/googlenet.onnx] [--steps 50]
+                                            [--batch-size 16] [--repeats 3] [--threads 2]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PHOTO = REPO / "samples" / "chelsea.png"
+VARIANTS = {
+    "default": {},
+    "no-arena": {"enable_cpu_mem_arena": False},
+    "no-pattern": {"enable_mem_pattern": False},
+    "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
+}
+
+
+def patched_make_session(settings):
+    """runtime.make_session with one variant's options applied to every session."""
+    from onnxattr import runtime
+
+    original = runtime.onnxruntime.SessionOptions
+
+    def options():
+        made = original()
+        for name in ("enable_cpu_mem_arena", "enable_mem_pattern"):
+            if name in settings:
+                setattr(made, name, settings[name])
+        for key, value in settings.get("config", {}).items():
+            made.add_session_config_entry(key, value)
+        return made
+    runtime.onnxruntime.SessionOptions = options
+
+
+def child(args):
+    from onnxattr import Explainer
+
+    patched_make_session(VARIANTS[args.child])
+    explainer = Explainer(args.model, threads=args.threads, cache_dir=args.cache)
+    options = dict(method="integrated-gradients", steps=args.steps, batch_size=args.batch_size)
+    explainer.explain(PHOTO, **options)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        explainer.explain(PHOTO, **options)
+        times.append(time.perf_counter() - start)
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak / 1024}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "googlenet.onnx")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=REPO / "build" / "bench" / "cache")
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    rows = {}
+    for name in VARIANTS:
+        command = [sys.executable, __file__, "--child", name, "--model", str(args.model),
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--repeats", str(args.repeats), "--threads", str(args.threads),
+                   "--cache", str(args.cache)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        base = rows["default"]
+        print(f"{name:14s} IG-{args.steps} batch {args.batch_size}: "
+              f"{rows[name]['seconds']:6.2f} s (x{rows[name]['seconds'] / base['seconds']:.2f})"
+              f"  peak {rows[name]['peak_mb']:6.0f} MB "
+              f"(x{rows[name]['peak_mb'] / base['peak_mb']:.2f})", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
