@@ -77,6 +77,10 @@ def make_session(model, device="cpu", threads=None, precision="float32"):
     providers = provider_options(device, precision)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No memory pattern: IG-50 on GoogLeNet (chunks of 16, 2 threads) peaks at 0.85-0.87x the
+    # memory at 0.98-1.03x the time; without the memory arena it is 1.3-1.5x slower and no
+    # smaller (scripts/bench_session_options.py, two runs)
+    options.enable_mem_pattern = False
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
