@@ -8,6 +8,7 @@ Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50
     no-arena       enable_cpu_mem_arena = False
     no-pattern     enable_mem_pattern = False
     no-spinning    session.intra_op.allow_spinning = 0 (threads sleep between ops)
+    parallel       execution_mode ORT_PARALLEL (independent branches at once)
 
     python scripts/bench_session_options.py [--model models/googlenet.onnx] [--steps 50]
                                             [--batch-size 16] [--repeats 3] [--threads 2]
@@ -29,6 +30,7 @@ VARIANTS = {
     "no-arena": {"enable_cpu_mem_arena": False},
     "no-pattern": {"enable_mem_pattern": False},
     "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
+    "parallel": {"execution_mode": "ORT_PARALLEL"},
 }
 
 
@@ -45,6 +47,9 @@ def patched_make_session(settings):
                 setattr(made, name, settings[name])
         for key, value in settings.get("config", {}).items():
             made.add_session_config_entry(key, value)
+        if "execution_mode" in settings:
+            made.execution_mode = getattr(runtime.onnxruntime.ExecutionMode,
+                                          settings["execution_mode"])
         return made
     runtime.onnxruntime.SessionOptions = options
 
