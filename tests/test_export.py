@@ -184,6 +184,7 @@ def test_cli_incomplete_caffe_dir(tmp_path, googlenet_caffe_dir):
 
 @pytest.mark.torchvision
 def test_cli_missing_torchvision_weights(tmp_path):
+    pytest.importorskip("torchvision")
     result = run_script("--torchvision", "--weights", tmp_path / "absent.pth",
                         "--output", tmp_path / "g.onnx")
     assert_one_line_error(result, "absent.pth")
