@@ -1,4 +1,4 @@
-"""Compiled attribution models against the training-build gradient graphs, on CPU.
+"""Compiled attribution models against the engine's gradient graphs, on CPU.
 
 Measures, for BVLC GoogLeNet: the compile time (from scratch, building the gradient graph,
 and from the graph cache: lowering and saving only), the compiled file's size, and the
