@@ -522,7 +522,7 @@ def test_native_graphs_run_on_stock_onnxruntime(stock_python, tiny_resnet, tmp_p
 
 # --- BVLC GoogLeNet ------------------------------------------------------------------------------
 
-def timed(graphs, feeds, runs=7):
+def timed(graphs, feeds, runs=3):
     """{name: (image_grad, median seconds of `runs` batch-1 runs on 2 threads)}, the graphs
     run in turn so that load on the machine hits them alike."""
     options = onnxruntime.SessionOptions()
@@ -568,7 +568,7 @@ def test_googlenet_matches_the_training_builder(googlenet_path, photos, torch_re
         error = rel_l2(same_forward, training)
         drift = rel_l2(native, training)
         print(f"GoogLeNet {rule}: native vs training builder {error:.1e} on the same forward "
-              f"graph, {drift:.1e} on the model's own; batch-1 run (median of 7, 2 threads): "
+              f"graph, {drift:.1e} on the model's own; batch-1 run (median of 3, 2 threads): "
               f"native {native_time * 1e3:.0f} ms, training builder lowered "
               f"{training_time * 1e3:.0f} ms")
         assert error <= TOLERANCE

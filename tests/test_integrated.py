@@ -581,18 +581,20 @@ def torch_integrated_gradients(reference, pixels, baseline, target, rule, steps,
 # one rule, baseline and score per photo, so the four photos cover most of them
 TORCH_CASES = [("gausslegendre", "black", "prob"), ("riemann_trapezoid", "blur", "logit"),
                ("riemann_middle", "uniform", "prob"), ("riemann_right", 128, "logit")]
+TORCH_STEPS = 8  # the same steps on both sides: any count checks the sum; 8 keeps torch quick
 
 
 @pytest.mark.slow
 def test_googlenet_integrated_gradients_matches_torch(googlenet, torch_reference, photos):
     errors = {}
     for photo, (rule, baseline, score) in zip(photos, TORCH_CASES):
-        result = googlenet.explain(photo, method="integrated-gradients", steps=16, rule=rule,
-                                   baseline=baseline, score=score, seed=0, batch_size=16)
+        result = googlenet.explain(photo, method="integrated-gradients", steps=TORCH_STEPS,
+                                   rule=rule, baseline=baseline, score=score, seed=0,
+                                   batch_size=TORCH_STEPS)
         pixels = load_pixels(photo, (224, 224))
         base = make_baselines(baseline, pixels[None], seed=0)[0]
         expected = torch_integrated_gradients(torch_reference, pixels, base, result.class_index,
-                                              rule, 16, score)
+                                              rule, TORCH_STEPS, score)
         errors[photo.name] = relative_l2(result.attribution, expected)
     print("relative L2 vs torch:", errors)
     assert max(errors.values()) <= 2e-2, errors
@@ -600,9 +602,9 @@ def test_googlenet_integrated_gradients_matches_torch(googlenet, torch_reference
 
 @pytest.mark.slow
 def test_googlenet_completeness_with_200_gauss_legendre_steps(googlenet, photos):
-    """Two of the shared photos (400 gradients of GoogLeNet; all four took 95 s of the
-    suite's time: 0.54%, 1.11%, 0.68%, 0.33% for astronaut, chelsea, coffee, raccoon)."""
-    photos = [p for p in photos if p.stem in ("chelsea", "coffee")] or photos[:2]
+    """The shared photo with the largest delta (all four took 95 s of the suite's time:
+    0.54%, 1.11%, 0.68%, 0.33% for astronaut, chelsea, coffee, raccoon)."""
+    photos = [p for p in photos if p.stem == "chelsea"] or photos[:1]
     results = googlenet.explain(photos, method="integrated-gradients", steps=200,
                                 rule="gausslegendre", batch_size=16)
     deltas = {p.name: r.relative_convergence_delta for p, r in zip(photos, results)}
