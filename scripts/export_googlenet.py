@@ -37,8 +37,6 @@ def torchvision_model(weights_file):
     from torchvision.models import GoogLeNet_Weights, googlenet
 
     weights = GoogLeNet_Weights.IMAGENET1K_V1
-    if weights_file is not None and not weights_file.is_file():
-        raise OnnxAttrError(f"weights file not found: {weights_file}")
     try:
         if weights_file is None:
             state = weights.get_state_dict(progress=False)
@@ -68,6 +66,8 @@ def torchvision_model(weights_file):
 
 def export_torchvision(weights_file, output):
     """Export the wrapped torchvision GoogLeNet (legacy TorchScript exporter, opset 17)."""
+    if weights_file is not None and not weights_file.is_file():  # before torch's slow import
+        raise OnnxAttrError(f"weights file not found: {weights_file}")
     import torch
 
     wrapper, labels = torchvision_model(weights_file)
