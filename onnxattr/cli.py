@@ -34,6 +34,8 @@ from .model import parse_numbers
 from .prepare import SCORES
 
 BAR_STEPS = 100  # progress bar steps per method and image
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxattr")
 def cli():

@@ -41,9 +41,8 @@ from .errors import OnnxAttrError
 from .integration import DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_baselines, path_chunks
 from .model import PIXEL_RANGE
 from .occlusion import coverage, mask_positions, mask_values, masked_chunks, occlusion_geometry
-from .relu_rules import RELU_RULES, VANILLA
+from .relu_rules import GUIDED, RELU_RULES, VANILLA
 
-GUIDED = "guided"  # the ReLU rule of guided backpropagation (relu_rules.RELU_RULES)
 PROGRESS = "progress"  # the keyword of a method that reports its progress (not an option)
 
 CHUNK = 16  # images per gradient run for path images and noisy copies when batch_size is None
@@ -314,7 +313,7 @@ OTHER_METHODS = {
     "input-x-gradient": Method("Input X Gradient", input_x_gradient),
     # a coarse map is read against the photo beneath it
     "grad-cam": Method("Grad-CAM", grad_cam, render={"style": "overlay"}),
-    "guided-grad-cam": Method("Guided Grad-CAM", guided_grad_cam, uses="guided"),
+    "guided-grad-cam": Method("Guided Grad-CAM", guided_grad_cam, uses=GUIDED),
     # signed: occluding some regions raises the score (a third of the map's mass on GoogLeNet
     # and the sample photo), which |map| would show as evidence for the class
     "occlusion": Method("Occlusion Sensitivity", occlusion,

@@ -25,6 +25,7 @@ from .errors import OnnxAttrError
 from .graph import attribute
 
 VANILLA = "vanilla"
+GUIDED = "guided"  # guided backpropagation's rule (guided Grad-CAM uses it too)
 # rectifiers the modified rules are not defined for: they pass a gradient below the threshold
 # or are smooth (a Clip with min 0, ReLU6, is gated like a Relu by the native builder)
 OTHER_RECTIFIERS = frozenset({"LeakyRelu", "PRelu", "Clip", "ThresholdedRelu", "Elu", "Selu",
@@ -57,7 +58,7 @@ class ReluRule:
 
 RELU_RULES = {
     VANILLA: ReluRule("gradient", "Gradient Attribution Map", vanilla),
-    "guided": ReluRule("guided-backprop", "Guided Backpropagation", guided),
+    GUIDED: ReluRule("guided-backprop", "Guided Backpropagation", guided),
     "zeiler-fergus": ReluRule("zeiler-fergus", "Zeiler-Fergus", zeiler_fergus),
 }
 

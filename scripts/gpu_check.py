@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from bench import relative_l2  # scripts/bench.py, beside this file
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +43,6 @@ def prepare(folder):
     print(f"prepared {target} ({size / 2**20:.1f} MiB)")
 
 
-def rel_l2(got, want):
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def compare_devices(model, cache):
     """CUDA against CPU for three methods; returns whether all are within LIMIT."""
     from onnxattr import Explainer
@@ -59,7 +56,7 @@ def compare_devices(model, cache):
                             ("integrated-gradients", {"steps": 50, "batch_size": 50})):
         want = cpu.explain(photos, method, **options)
         got = cuda.explain(photos, method, **options)
-        error = max(rel_l2(g.attribution, w.attribution) for g, w in zip(got, want))
+        error = max(relative_l2(g.attribution, w.attribution) for g, w in zip(got, want))
         ok &= error <= LIMIT
         print(f"cuda vs cpu {method:22s} relative L2 {error:.1e} (limit {LIMIT:g})"
               f"{'' if error <= LIMIT else '  FAILED'}")
