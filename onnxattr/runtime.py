@@ -71,8 +71,10 @@ def provider_options(device, precision="float32"):
     return [(provider, cuda), "CPUExecutionProvider"]
 
 
-def make_session(model, device="cpu", threads=None, precision="float32"):
-    """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back."""
+def make_session(model, device="cpu", threads=None, precision="float32", profile_prefix=None):
+    """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back.
+    `profile_prefix`: onnxruntime's profiling on, its JSON file named so
+    (scripts/profile_gradient.py)."""
     ort = _require_onnxruntime()
     providers = provider_options(device, precision)
     options = ort.SessionOptions()
@@ -84,6 +86,8 @@ def make_session(model, device="cpu", threads=None, precision="float32"):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types per build
