@@ -14,6 +14,7 @@ the rule asked for), else the native builder, saying why once (a warning, which 
 as one "note:" line on stderr).
 """
 
+import functools
 import hashlib
 import os
 import warnings
@@ -26,6 +27,7 @@ from .autodiff import build_native_gradient
 from .errors import OnnxAttrError, OnnxAttrNote
 from .files import atomic_path
 from .prepare import TRAINING_FIXES
+from .runtime import onnxruntime
 from .training import build_training_gradient, has_training_builder
 
 BUILDERS = {"onnxruntime": build_training_gradient, "native": build_native_gradient}
@@ -58,15 +60,30 @@ def default_cache_dir():
     return Path(os.environ.get("ONNXATTR_CACHE") or Path.home() / ".cache" / "onnxattr")
 
 
+@functools.cache
+def code_digest():
+    """A digest of what makes the graphs: onnxattr's own source files, its version and
+    onnx's and onnxruntime's versions. A graph built by other code is never reused: the
+    version alone missed every change between releases (a fix to a backward form left the old
+    graph in use, silently)."""
+    digest = hashlib.sha256("|".join([__version__, onnx.__version__, getattr(
+        onnxruntime, "__version__", "none")]).encode())
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()
+
+
 class GraphCache:
-    """Built graphs on disk, keyed by the source model's content and the build options (the
-    builder among them) and the onnxattr version."""
+    """Built graphs on disk, keyed by the source model's content, the build options (the
+    builder among them) and the code that builds them (code_digest)."""
 
     def __init__(self, directory=None):
         self.directory = Path(directory) if directory else default_cache_dir()
 
     def path(self, model_digest, **options):
-        key = "|".join([model_digest, __version__, *(f"{k}={options[k]}" for k in sorted(options))])
+        key = "|".join([model_digest, code_digest(),
+                        *(f"{k}={options[k]}" for k in sorted(options))])
         return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
 
     def get_or_build(self, build, model_digest, **options):

@@ -35,7 +35,7 @@ from .prepare import (
     select_scores,
 )
 from .relu_rules import RELU_RULES, VANILLA
-from .runtime import make_session, run_batched
+from .runtime import SessionPool
 
 IMAGE, TARGET, ATTRIBUTION = "image", "target", "attribution"
 
@@ -142,10 +142,12 @@ class CompiledEngine:
     respect to the image only, and compiling a layer's gradient is not offered (yet).
     """
 
-    def __init__(self, classifier, device="cpu", threads=None, precision="float32"):
+    def __init__(self, classifier, device="cpu", threads=None, precision="float32",
+                 workers=None):
         self.classifier = classifier
         self.device = device
         self.threads = threads
+        self.workers = workers
         self.precision = precision
         self.method = classifier.compiled["method"]
         self.score = classifier.compiled["score"]
@@ -165,11 +167,11 @@ class CompiledEngine:
         return shifted / shifted.sum(axis=1, keepdims=True), values
 
     def _run(self, session, feeds, outputs, batch_size):
-        return run_batched(session, feeds, outputs, batch_size, self.classifier.batch,
+        return session.run(feeds, outputs, batch_size, self.classifier.batch,
                            pad_last=self.device == "cuda")
 
     def _make_session(self, model):
-        return make_session(model, self.device, self.threads, self.precision)
+        return SessionPool(model, self.device, self.threads, self.precision, self.workers)
 
     def forward(self, pixels, batch_size=None):
         """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""

@@ -29,21 +29,23 @@ from .prepare import (
     select_scores,
 )
 from .relu_rules import VANILLA
-from .runtime import make_session, run_batched
+from .runtime import SessionPool
 
 
 class AttributionEngine:
     """Runs forward passes and d score / d image for one classifier on one device.
 
     `builder`: "auto", "onnxruntime" or "native" (onnxattr.builders). `precision`: "float32"
-    or "tf32" (CUDA only; see onnxattr.runtime).
+    or "tf32" (CUDA only; see onnxattr.runtime). `workers`: sessions that share a batched run
+    (None: runtime.default_workers).
     """
 
     def __init__(self, classifier, device="cpu", cache=None, threads=None, builder="auto",
-                 precision="float32"):
+                 precision="float32", workers=None):
         self.classifier = classifier
         self.device = device
         self.threads = threads
+        self.workers = workers
         self.cache = cache or GraphCache()
         self.builder = check_builder(builder)
         self.precision = precision
@@ -64,11 +66,11 @@ class AttributionEngine:
         return self._forward_graphs[key]
 
     def session(self, graph):
-        return make_session(graph, self.device, self.threads, self.precision)
+        return SessionPool(graph, self.device, self.threads, self.precision, self.workers)
 
     def run(self, session, feeds, outputs, batch_size=None):
         """A batched run at the model's fixed batch, padding on CUDA (one shape per session)."""
-        return run_batched(session, feeds, outputs, batch_size, self.classifier.batch,
+        return session.run(feeds, outputs, batch_size, self.classifier.batch,
                            pad_last=self.device == "cuda")
 
     def forward(self, pixels, batch_size=None, reuse=True):

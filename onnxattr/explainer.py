@@ -67,21 +67,23 @@ class Explainer:
     0..255 (with a note). `device`: "cpu" or "cuda"; `precision`: "float32" (exact, default) or
     "tf32" (CUDA convolutions in TF32). `builder`: "auto", "onnxruntime" or "native"
     (onnxattr.builders). `fit`: how images of another size reach the input size, "stretch" (the
-    example's imresize) or "center-crop".
+    example's imresize) or "center-crop". `threads`: onnxruntime's threads (None: all cores);
+    `workers`: sessions that share a batched run, each with threads / workers (None: 2 on a
+    CPU with 2 or more cores, else 1; see onnxattr.runtime.default_workers).
     """
 
     def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
                  fit="stretch", builder="auto", precision="float32", pixel_range=None,
-                 mean=None, std=None):
+                 mean=None, std=None, workers=None):
         provider_options(device, precision)  # a missing CUDA provider fails here, before images
         check_builder(builder)
         self.model_path = str(model)
         self.classifier = load_model(model).with_contract(pixel_range, mean, std)
         if self.classifier.compiled:
-            self.engine = CompiledEngine(self.classifier, device, threads, precision)
+            self.engine = CompiledEngine(self.classifier, device, threads, precision, workers)
         else:
             self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir),
-                                            threads, builder, precision)
+                                            threads, builder, precision, workers)
         self.fit = fit
         self._contract_said = self.classifier.contract.stated or bool(self.classifier.compiled)
 

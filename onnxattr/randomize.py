@@ -263,9 +263,10 @@ def randomized_engine(base_engine, proto, tag, swap=True, originals=None):
     classifier = replace(base_engine.classifier, proto=proto, digest=digest)
     if not swap:
         return AttributionEngine(classifier, base_engine.device, MemoryCache(),
-                                 base_engine.threads, base_engine.builder)
+                                 base_engine.threads, base_engine.builder, base_engine.precision,
+                                 base_engine.workers)
     cache = _SwappedCache(originals or OriginalGraphs(base_engine), None)
     engine = AttributionEngine(classifier, base_engine.device, cache, base_engine.threads,
-                               base_engine.builder)
+                               base_engine.builder, base_engine.precision, base_engine.workers)
     cache.engine_ref = weakref.ref(engine)  # no reference cycle: sessions go with the engine
     return engine

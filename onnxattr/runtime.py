@@ -13,7 +13,9 @@ shape change on an H200 where a repeated call takes 3 ms); batched runs also kee
 session by padding the last chunk (`pad_last`).
 """
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -99,23 +101,84 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
     return session
 
 
-def run_batched(session, feeds, outputs, batch_size=None, fixed_batch=None, pad_last=False):
-    """Run `session` on `feeds` (arrays sharing batch axis 0) in chunks; concatenate `outputs`.
+def default_workers(device, threads=None):
+    """How many sessions share a graph's batched runs: on CPU two, each with half the threads
+    (when there are two or more), on CUDA one.
 
-    `fixed_batch`: the graph's own fixed batch size; chunks are exactly that big (the last one
-    padded with copies of its last row), so a model exported for batch 1 sees one image at a
-    time and rows never mix. `pad_last`: pad the last chunk to `batch_size` too, so the session
-    sees one input shape (CUDA's algorithm search runs once per shape).
+    Two single-threaded sessions, each running half of a chunk at the same time, keep both
+    cores busy through the ops onnxruntime runs on one thread (MaxPool's scatter, layout
+    reorders, small elementwise ops) and spend no time synchronising threads inside an op: on
+    2 cores, 16 GoogLeNet gradients took 0.78x the time of one 2-thread session, MobileNetV2
+    0.80x, ResNet-18 (all convolutions, which scale well) 0.88x (scripts/bench.py's
+    `--workers 1` rows). A single chunk still runs on one session with all the threads.
     """
-    total = len(next(iter(feeds.values())))
-    step = fixed_batch or batch_size or total
-    pad = bool(fixed_batch) or (pad_last and batch_size is not None and total > step)
-    chunks = []
-    for start in range(0, total, step):
-        chunk = {k: v[start:start + step] for k, v in feeds.items()}
-        rows = len(next(iter(chunk.values())))
-        if pad and rows < step:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)])
-                     for k, v in chunk.items()}
-        chunks.append([out[:rows] for out in session.run(outputs, chunk)])
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(outputs))]
+    return 2 if device == "cpu" and cpu_threads(threads) >= 2 else 1
+
+
+def cpu_threads(threads=None):
+    """`threads`, or else the number of CPUs this process may run on."""
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class SessionPool:
+    """The sessions of one graph, made when first needed: one with all `threads` for runs that
+    are one chunk, and `workers` sessions with threads / workers each that run the chunks of a
+    longer run at the same time (see default_workers)."""
+
+    def __init__(self, model, device="cpu", threads=None, precision="float32", workers=None):
+        self.model, self.device, self.precision = model, device, precision
+        self.threads = threads
+        self.workers = workers or default_workers(device, threads)
+        self._whole = make_session(model, device, threads, precision)  # fails here, not later
+        self._parts = []
+
+    def _part_sessions(self):
+        if not self._parts:
+            threads = max(1, cpu_threads(self.threads) // self.workers)
+            self._parts = [self._whole] if self.workers == 1 else [
+                make_session(self.model, self.device, threads, self.precision)
+                for _ in range(self.workers)]
+        return self._parts
+
+    def run(self, feeds, outputs, batch_size=None, fixed_batch=None, pad_last=False):
+        """Run the graph on `feeds` (arrays sharing batch axis 0) in chunks; concatenate
+        `outputs`.
+
+        `batch_size`: rows in flight at once, split over the workers. `fixed_batch`: the
+        graph's own fixed batch size; chunks are exactly that big (the last one padded with
+        copies of its last row), so a model exported for batch 1 sees one image at a time and
+        rows never mix. `pad_last`: pad the last chunk to `batch_size` too, so the session sees
+        one input shape (CUDA's algorithm search runs once per shape).
+        """
+        total = len(next(iter(feeds.values())))
+        in_flight = batch_size or total
+        step = fixed_batch or -(-in_flight // self.workers)
+        pad = bool(fixed_batch) or (pad_last and batch_size is not None and total > step)
+        chunks = [_chunk(feeds, start, step, pad) for start in range(0, total, step)]
+        if len(chunks) == 1:
+            results = [self._whole.run(outputs, chunks[0][0])]
+        else:
+            sessions = self._part_sessions()
+            with ThreadPoolExecutor(len(sessions)) as pool:  # onnxruntime releases the GIL
+                lanes = [pool.submit(_run_lane, session, chunks[i::len(sessions)], outputs)
+                         for i, session in enumerate(sessions)]
+                by_lane = [lane.result() for lane in lanes]
+            results = [by_lane[i % len(sessions)][i // len(sessions)] for i in range(len(chunks))]
+        return [np.concatenate([result[j][:rows] for result, (_, rows) in zip(results, chunks)])
+                for j in range(len(outputs))]
+
+
+def _chunk(feeds, start, step, pad):
+    """(the feeds' rows start..start + step, padded to step rows when `pad`; the real rows)."""
+    chunk = {k: v[start:start + step] for k, v in feeds.items()}
+    rows = len(next(iter(chunk.values())))
+    if pad and rows < step:
+        chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)])
+                 for k, v in chunk.items()}
+    return chunk, rows
+
+
+def _run_lane(session, chunks, outputs):
+    return [session.run(outputs, chunk) for chunk, _ in chunks]

@@ -4,9 +4,12 @@ Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50
 (or another model) through onnxattr's engine, chunks of `--batch-size` path images, median of
 `--repeats` runs after one warm-up. Variants:
 
-    default        onnxattr's session (memory arena and memory pattern on, ORT_ENABLE_ALL)
+    default        onnxattr's sessions (memory arena on, memory pattern off, ORT_ENABLE_ALL;
+                   on 2 or more cores two worker sessions, each with half the threads, run
+                   the halves of a chunk at once: onnxattr.runtime.default_workers)
+    one-worker     one session with all the threads runs each chunk
     no-arena       enable_cpu_mem_arena = False
-    no-pattern     enable_mem_pattern = False
+    pattern        enable_mem_pattern = True (onnxruntime's default)
     no-spinning    session.intra_op.allow_spinning = 0 (threads sleep between ops)
     parallel       execution_mode ORT_PARALLEL (independent branches at once)
 
@@ -27,21 +30,22 @@ sys.path.insert(0, str(REPO))
 PHOTO = REPO / "samples" / "chelsea.png"
 VARIANTS = {
     "default": {},
+    "one-worker": {"workers": 1},
     "no-arena": {"enable_cpu_mem_arena": False},
-    "no-pattern": {"enable_mem_pattern": False},
+    "pattern": {"enable_mem_pattern": True},
     "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
     "parallel": {"execution_mode": "ORT_PARALLEL"},
 }
 
 
 def patched_make_session(settings):
-    """runtime.make_session with one variant's options applied to every session."""
+    """runtime.make_session with one variant's options applied to every session, after
+    make_session's own (at the InferenceSession made from them)."""
     from onnxattr import runtime
 
-    original = runtime.onnxruntime.SessionOptions
+    original = runtime.onnxruntime.InferenceSession
 
-    def options():
-        made = original()
+    def session(model, made, **kwargs):
         for name in ("enable_cpu_mem_arena", "enable_mem_pattern"):
             if name in settings:
                 setattr(made, name, settings[name])
@@ -50,15 +54,16 @@ def patched_make_session(settings):
         if "execution_mode" in settings:
             made.execution_mode = getattr(runtime.onnxruntime.ExecutionMode,
                                           settings["execution_mode"])
-        return made
-    runtime.onnxruntime.SessionOptions = options
+        return original(model, made, **kwargs)
+    runtime.onnxruntime.InferenceSession = session
 
 
 def child(args):
     from onnxattr import Explainer
 
     patched_make_session(VARIANTS[args.child])
-    explainer = Explainer(args.model, threads=args.threads, cache_dir=args.cache)
+    explainer = Explainer(args.model, threads=args.threads, cache_dir=args.cache,
+                          workers=VARIANTS[args.child].get("workers"))
     options = dict(method="integrated-gradients", steps=args.steps, batch_size=args.batch_size)
     explainer.explain(PHOTO, **options)
     times = []

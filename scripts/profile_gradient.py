@@ -1,8 +1,8 @@
 """Where a gradient's time goes: onnxruntime's profile of the engine's gradient graph (CPU,
-batch 1, the sample photo), summed per op type, as milliseconds per run.
+the sample photo, batch 1 or copies of it), summed per op type, as milliseconds per run.
 
     python scripts/profile_gradient.py [--model models/googlenet.onnx] [--builder native]
-        [--runs 25] [--threads 2] [--top 14]
+        [--runs 25] [--threads 2] [--batch 1] [--top 14]
 
 The session is made as the engine makes it (onnxattr.runtime.make_session), with profiling on;
 the first of runs + 1 runs (allocation, kernel selection) is left out. Node times only: the totals are a
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--builder", default="native", choices=["native", "onnxruntime"])
     parser.add_argument("--runs", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="copies of the photo per run")
     parser.add_argument("--top", type=int, default=14, help="op types listed")
     return parser.parse_args(argv)
 
@@ -43,9 +44,9 @@ def main(argv=None):
     explainer = Explainer(args.model, builder=args.builder, threads=args.threads)
     engine = explainer.engine
     graph = engine.gradient_graph()
-    pixels = explainer.pixels([PHOTO])
-    onehot = np.zeros((1, engine.classifier.num_classes), np.float32)
-    onehot[0, int(np.argmax(engine.forward(pixels)[0]))] = 1.0
+    pixels = np.repeat(explainer.pixels([PHOTO]), args.batch, axis=0)
+    onehot = np.zeros((args.batch, engine.classifier.num_classes), np.float32)
+    onehot[:, int(np.argmax(engine.forward(pixels[:1])[0]))] = 1.0
     feeds = {engine.classifier.input_name: pixels, ONEHOT: onehot}
     with tempfile.TemporaryDirectory() as folder:
         session = make_session(graph, threads=args.threads, profile_prefix=f"{folder}/run")
@@ -60,8 +61,9 @@ def main(argv=None):
                 and event["ts"] >= start):
             totals[event["args"]["op_name"]] += event["dur"]
             counts[event["args"]["op_name"]] += 1
+    in_nodes = sum(totals.values()) / args.runs / 1e3
     print(f"{Path(args.model).name}, {args.builder} builder, {args.threads} threads, "
-          f"mean of {args.runs} runs: {sum(totals.values()) / args.runs / 1e3:.1f} ms in nodes")
+          f"batch {args.batch}, mean of {args.runs} runs: {in_nodes:.1f} ms in nodes")
     for op, micros in totals.most_common(args.top):
         print(f"  {op:24s} {micros / args.runs / 1e3:7.2f} ms  {counts[op] // args.runs:4d} nodes")
 

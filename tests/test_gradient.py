@@ -196,3 +196,14 @@ def test_cache_keys_include_the_builder(tmp_path):
     assert len(graphs) == 2
     ops = [{n.op_type for n in onnx.load(g).graph.node} for g in graphs]
     assert any("Where" in o or "Mul" in o for o in ops) and ops[0] != ops[1]
+
+
+def test_cache_keys_change_with_the_code_that_builds_graphs(tmp_path, monkeypatch):
+    """A graph built by other onnxattr code (same version number) is rebuilt, not reused."""
+    from onnxattr import builders
+
+    cache = builders.GraphCache(tmp_path)
+    before = cache.path("digest", builder="native")
+    assert cache.path("digest", builder="native") == before
+    monkeypatch.setattr(builders, "code_digest", lambda: "another build of the same version")
+    assert cache.path("digest", builder="native") != before

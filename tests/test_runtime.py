@@ -12,13 +12,25 @@ import small_models
 class FakeSession:
     """Records the shapes it is run on; returns each feed's rows times 2."""
 
-    def __init__(self):
+    def __init__(self, threads=None):
+        self.threads = threads
         self.shapes = []
 
     def run(self, outputs, feeds):
         x = feeds["x"]
         self.shapes.append(x.shape)
         return [x * 2]
+
+
+def fake_pool(monkeypatch, threads=2, workers=None):
+    """A SessionPool of FakeSessions; `made` lists them in the order they were made."""
+    made = []
+
+    def make_session(model, device, threads, precision):
+        made.append(FakeSession(threads))
+        return made[-1]
+    monkeypatch.setattr(runtime, "make_session", make_session)
+    return runtime.SessionPool(None, "cpu", threads, workers=workers), made
 
 
 @pytest.fixture
@@ -63,23 +75,54 @@ def test_explainer_takes_the_precision(with_cuda, tmp_path):
         Explainer(path, device="cuda", precision="fp8")
 
 
-def test_fixed_batch_runs_exact_chunks_and_pads_the_last():
-    session = FakeSession()
+def test_fixed_batch_runs_exact_chunks_and_pads_the_last(monkeypatch):
+    pool, made = fake_pool(monkeypatch, workers=1)
     x = np.arange(5, dtype=np.float32).reshape(5, 1)
-    (out,) = runtime.run_batched(session, {"x": x}, ["y"], batch_size=4, fixed_batch=2)
-    assert session.shapes == [(2, 1), (2, 1), (2, 1)]
+    (out,) = pool.run({"x": x}, ["y"], batch_size=4, fixed_batch=2)
+    assert made[0].shapes == [(2, 1), (2, 1), (2, 1)] and len(made) == 1
     np.testing.assert_array_equal(out, x * 2)
 
 
-def test_pad_last_keeps_one_shape_per_session():
-    session = FakeSession()
+def test_pad_last_keeps_one_shape_per_session(monkeypatch):
+    pool, made = fake_pool(monkeypatch, workers=1)
     x = np.arange(7, dtype=np.float32).reshape(7, 1)
-    (out,) = runtime.run_batched(session, {"x": x}, ["y"], batch_size=3, pad_last=True)
-    assert session.shapes == [(3, 1)] * 3
+    (out,) = pool.run({"x": x}, ["y"], batch_size=3, pad_last=True)
+    assert made[0].shapes == [(3, 1)] * 3
     np.testing.assert_array_equal(out, x * 2)
-    session = FakeSession()
-    runtime.run_batched(session, {"x": x}, ["y"], batch_size=3)
-    assert session.shapes == [(3, 1), (3, 1), (1, 1)]
+    made[0].shapes.clear()
+    pool.run({"x": x}, ["y"], batch_size=3)
+    assert made[0].shapes == [(3, 1), (3, 1), (1, 1)]
+
+
+def test_workers_share_the_threads_and_split_each_batch(monkeypatch):
+    """Two workers run the halves of a batch at once, in order; a single chunk runs on the
+    session with all the threads, and the workers' sessions are made only when needed."""
+    pool, made = fake_pool(monkeypatch, threads=4, workers=2)
+    x = np.arange(11, dtype=np.float32).reshape(11, 1)
+    (out,) = pool.run({"x": x[:1]}, ["y"])
+    assert [s.threads for s in made] == [4] and made[0].shapes == [(1, 1)]
+    (out,) = pool.run({"x": x}, ["y"], batch_size=8)
+    np.testing.assert_array_equal(out, x * 2)
+    whole, first, second = made
+    assert (first.threads, second.threads) == (2, 2) and whole.shapes == [(1, 1)]
+    assert first.shapes == [(4, 1), (3, 1)] and second.shapes == [(4, 1)]
+    (out,) = pool.run({"x": x[:6]}, ["y"])  # no batch size: all rows at once, in two halves
+    assert len(made) == 3 and first.shapes[-1] == second.shapes[-1] == (3, 1)
+    np.testing.assert_array_equal(out, x[:6] * 2)
+
+
+def test_default_workers():
+    assert runtime.default_workers("cpu", 2) == 2 and runtime.default_workers("cpu", 8) == 2
+    assert runtime.default_workers("cpu", 1) == 1 and runtime.default_workers("cuda", 8) == 1
+
+
+def test_workers_give_the_same_gradients_as_one_session(tmp_path):
+    path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
+    pixels = np.random.default_rng(5).uniform(0, 255, (7, 3, 8, 8)).astype(np.float32)
+    targets = np.arange(7) % 3
+    one, two = (Explainer(path, cache_dir=tmp_path, threads=2, workers=w).engine.gradient(
+        pixels, targets, batch_size=4)[0] for w in (1, 2))
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-8)
 
 
 def test_gpu_check_says_when_there_is_no_cuda(tmp_path):
