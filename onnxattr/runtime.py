@@ -131,13 +131,18 @@ class SessionPool:
         self.model, self.device, self.precision = model, device, precision
         self.threads = threads
         self.workers = workers or default_workers(device, threads)
-        self._whole = make_session(model, device, threads, precision)  # fails here, not later
+        self._whole = None
         self._parts = []
+
+    def _whole_session(self):
+        if self._whole is None:
+            self._whole = make_session(self.model, self.device, self.threads, self.precision)
+        return self._whole
 
     def _part_sessions(self):
         if not self._parts:
             threads = max(1, cpu_threads(self.threads) // self.workers)
-            self._parts = [self._whole] if self.workers == 1 else [
+            self._parts = [self._whole_session()] if self.workers == 1 else [
                 make_session(self.model, self.device, threads, self.precision)
                 for _ in range(self.workers)]
         return self._parts
@@ -158,7 +163,7 @@ class SessionPool:
         pad = bool(fixed_batch) or (pad_last and batch_size is not None and total > step)
         chunks = [_chunk(feeds, start, step, pad) for start in range(0, total, step)]
         if len(chunks) == 1:
-            results = [self._whole.run(outputs, chunks[0][0])]
+            results = [self._whole_session().run(outputs, chunks[0][0])]
         else:
             sessions = self._part_sessions()
             with ThreadPoolExecutor(len(sessions)) as pool:  # onnxruntime releases the GIL

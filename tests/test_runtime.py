@@ -109,6 +109,9 @@ def test_workers_share_the_threads_and_split_each_batch(monkeypatch):
     (out,) = pool.run({"x": x[:6]}, ["y"])  # no batch size: all rows at once, in two halves
     assert len(made) == 3 and first.shapes[-1] == second.shapes[-1] == (3, 1)
     np.testing.assert_array_equal(out, x[:6] * 2)
+    pool, made = fake_pool(monkeypatch, threads=4, workers=2)
+    pool.run({"x": x}, ["y"], batch_size=8)
+    assert [s.threads for s in made] == [2, 2]  # no session with all the threads unused
 
 
 def test_default_workers():
