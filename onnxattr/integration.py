@@ -33,6 +33,7 @@ from PIL import Image
 from .errors import OnnxAttrError
 from .image import load_image, to_pixels
 from .model import PIXEL_RANGE
+from .runtime import even_chunks
 
 DEFAULT_STEPS = 50
 DEFAULT_RULE = "gausslegendre"
@@ -199,14 +200,14 @@ def integration_path(pixels, baseline, alphas):
 
 
 def path_chunks(pixels, baselines, alphas, batch_size):
-    """The path images of every image, made `batch_size` at a time: yields (image, step,
-    path_images) where row r of the chunk is image[r]'s path image at alphas[step[r]].
+    """The path images of every image, made at most `batch_size` at a time (chunks of even
+    size): yields (image, step, path_images) where row r of the chunk is image[r]'s path image
+    at alphas[step[r]].
 
     Rows run image by image, step by step, so a chunk may span images; only one chunk of
     path images exists at a time."""
-    total = len(pixels) * len(alphas)
-    for start in range(0, total, batch_size):
-        image, step = np.divmod(np.arange(start, min(start + batch_size, total)), len(alphas))
+    for start, end in even_chunks(len(pixels) * len(alphas), batch_size):
+        image, step = np.divmod(np.arange(start, end), len(alphas))
         yield image, step, integration_path(pixels[image], baselines[image], alphas[step])
 
 

@@ -42,6 +42,7 @@ from .integration import DEFAULT_RULE, DEFAULT_STEPS, integration_rule, make_bas
 from .model import PIXEL_RANGE
 from .occlusion import coverage, mask_positions, mask_values, masked_chunks, occlusion_geometry
 from .relu_rules import GUIDED, RELU_RULES, VANILLA
+from .runtime import even_chunks
 
 PROGRESS = "progress"  # the keyword of a method that reports its progress (not an option)
 
@@ -150,13 +151,13 @@ class Method:
 
 
 def noisy_copies(pixels, sigma, samples, batch_size, seed):
-    """`samples` copies of each image plus Gaussian noise of std `sigma[image]`, made
-    `batch_size` at a time: yields (image index per row, copies). The noise depends on `seed`
-    alone, not on batch_size (one random stream, drawn in row order)."""
+    """`samples` copies of each image plus Gaussian noise of std `sigma[image]`, made at most
+    `batch_size` at a time (chunks of even size): yields (image index per row, copies). The
+    noise depends on `seed` alone, not on batch_size (one random stream, drawn in row
+    order)."""
     rng = np.random.default_rng([seed, 1])  # a stream apart from the method's own use of seed
-    total = len(pixels) * samples
-    for start in range(0, total, batch_size):
-        image = np.arange(start, min(start + batch_size, total)) // samples
+    for start, end in even_chunks(len(pixels) * samples, batch_size):
+        image = np.arange(start, end) // samples
         noise = rng.standard_normal((len(image), *pixels.shape[1:]), np.float32)
         yield image, pixels[image] + (sigma[image].reshape(-1, 1, 1, 1) * noise).astype(np.float32)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import OnnxAttrError
 from .integration import MAX_BASELINE
+from .runtime import even_chunks
 
 DEFAULT_MASK_FRACTION = 0.2  # of the shorter side
 
@@ -81,13 +82,12 @@ def mask_values(pixels, mask_value="mean"):
 
 
 def masked_chunks(pixels, values, positions, mask_size, batch_size):
-    """The masked images of every image at every position, made `batch_size` at a time:
-    yields (image, position, masked) where row r of `masked` is image[r] with the mask at
-    positions[position[r]]. Only one chunk of masked images exists at a time."""
-    total = len(pixels) * len(positions)
-    for start in range(0, total, batch_size):
-        image, position = np.divmod(np.arange(start, min(start + batch_size, total)),
-                                    len(positions))
+    """The masked images of every image at every position, made at most `batch_size` at a
+    time (chunks of even size): yields (image, position, masked) where row r of `masked` is
+    image[r] with the mask at positions[position[r]]. Only one chunk of masked images exists
+    at a time."""
+    for start, end in even_chunks(len(pixels) * len(positions), batch_size):
+        image, position = np.divmod(np.arange(start, end), len(positions))
         masked = pixels[image]
         for row, (n, (top, left)) in enumerate(zip(image, positions[position])):
             masked[row, :, top:top + mask_size, left:left + mask_size] = \

@@ -101,16 +101,24 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
     return session
 
 
+# A run starts the workers' sessions when it has at least this many rows per worker (the 2 rows
+# of integrated gradients' end-point scores stay on the session with all the threads).
+MIN_ROWS_PER_WORKER = 4
+
+
 def default_workers(device, threads=None):
     """How many sessions share a graph's batched runs: on CPU two, each with half the threads
     (when there are two or more), on CUDA one.
 
-    Two single-threaded sessions, each running half of a chunk at the same time, keep both
-    cores busy through the ops onnxruntime runs on one thread (MaxPool's scatter, layout
-    reorders, small elementwise ops) and spend no time synchronising threads inside an op: on
-    2 cores, 16 GoogLeNet gradients took 0.78x the time of one 2-thread session, MobileNetV2
-    0.80x, ResNet-18 (all convolutions, which scale well) 0.88x (scripts/bench.py's
-    `--workers 1` rows). A single chunk still runs on one session with all the threads.
+    Two sessions with one thread each, each running half of a chunk at the same time, keep
+    both cores busy through the ops onnxruntime runs on one thread (MaxPool's scatter, layout
+    reorders, small elementwise ops) and spend no time synchronising threads inside an op. On
+    2 cores, IG-50 on GoogLeNet in chunks of 16 took 5.73 and 5.57 s against 7.75 and 6.56 s
+    with one 2-thread session (two runs of `python scripts/bench_session_options.py`, variant
+    one-worker), at 1.28-1.32x the peak memory (each session keeps its own arena). A run that
+    is one chunk (a single image's gradient) runs on one session with all the threads.
+    More than two workers was not measured (this machine has 2 cores), so larger machines
+    get two sessions of half the threads each.
     """
     return 2 if device == "cpu" and cpu_threads(threads) >= 2 else 1
 
@@ -123,9 +131,10 @@ def cpu_threads(threads=None):
 
 
 class SessionPool:
-    """The sessions of one graph, made when first needed: one with all `threads` for runs that
-    are one chunk, and `workers` sessions with threads / workers each that run the chunks of a
-    longer run at the same time (see default_workers)."""
+    """The sessions of one graph, made when first needed: `workers` sessions with threads /
+    workers each that run the chunks of a run at the same time (see default_workers), and one
+    with all `threads` for a run that is one chunk, or too short to be worth the workers'
+    sessions before they exist (each holds its own copy of the weights, prepacked)."""
 
     def __init__(self, model, device="cpu", threads=None, precision="float32", workers=None):
         self.model, self.device, self.precision = model, device, precision
@@ -142,28 +151,35 @@ class SessionPool:
     def _part_sessions(self):
         if not self._parts:
             threads = max(1, cpu_threads(self.threads) // self.workers)
-            self._parts = [self._whole_session()] if self.workers == 1 else [
-                make_session(self.model, self.device, threads, self.precision)
-                for _ in range(self.workers)]
+            self._parts = [make_session(self.model, self.device, threads, self.precision)
+                           for _ in range(self.workers)]
         return self._parts
 
     def run(self, feeds, outputs, batch_size=None, fixed_batch=None, pad_last=False):
         """Run the graph on `feeds` (arrays sharing batch axis 0) in chunks; concatenate
         `outputs`.
 
-        `batch_size`: rows in flight at once, split over the workers. `fixed_batch`: the
-        graph's own fixed batch size; chunks are exactly that big (the last one padded with
-        copies of its last row), so a model exported for batch 1 sees one image at a time and
-        rows never mix. `pad_last`: pad the last chunk to `batch_size` too, so the session sees
-        one input shape (CUDA's algorithm search runs once per shape).
+        `batch_size`: rows in flight at once, split over the workers into chunks of even size
+        (a short last chunk grows onnxruntime's arenas on the CPU). `fixed_batch`: the graph's
+        own fixed batch size; chunks are exactly that big (the last one padded with copies of
+        its last row), so a model exported for batch 1 sees one image at a time and rows never
+        mix. `pad_last`: chunks of `batch_size` with the last one padded too, so the session
+        sees one input shape (CUDA's algorithm search runs once per shape).
         """
         total = len(next(iter(feeds.values())))
         in_flight = batch_size or total
-        step = fixed_batch or -(-in_flight // self.workers)
-        pad = bool(fixed_batch) or (pad_last and batch_size is not None and total > step)
-        chunks = [_chunk(feeds, start, step, pad) for start in range(0, total, step)]
-        if len(chunks) == 1:
-            results = [self._whole_session().run(outputs, chunks[0][0])]
+        split = self.workers > 1 and (bool(self._parts) or
+                                      total >= MIN_ROWS_PER_WORKER * self.workers)
+        if fixed_batch or (pad_last and batch_size is not None and total > in_flight):
+            step = fixed_batch or in_flight
+            chunks = [_chunk(feeds, start, step, step) for start in range(0, total, step)]
+        else:
+            lanes = self.workers if split else 1
+            chunks = [_chunk(feeds, start, end - start)
+                      for start, end in even_chunks(total, -(-in_flight // lanes))]
+        if not split or len(chunks) == 1:
+            session = self._whole_session()
+            results = [session.run(outputs, chunk) for chunk, _ in chunks]
         else:
             sessions = self._part_sessions()
             with ThreadPoolExecutor(len(sessions)) as pool:  # onnxruntime releases the GIL
@@ -175,12 +191,20 @@ class SessionPool:
                 for j in range(len(outputs))]
 
 
-def _chunk(feeds, start, step, pad):
-    """(the feeds' rows start..start + step, padded to step rows when `pad`; the real rows)."""
-    chunk = {k: v[start:start + step] for k, v in feeds.items()}
+def even_chunks(total, most):
+    """(start, end) of the fewest chunks of at most `most` rows that cover `total` rows, of
+    even sizes (50 rows at most 16: 13, 12, 13, 12, not 16, 16, 16, 2)."""
+    ends = np.linspace(0, total, -(-total // most) + 1).round().astype(int)
+    return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
+
+
+def _chunk(feeds, start, rows, padded_to=None):
+    """(the feeds' rows start..start + rows, padded with copies of the last row to `padded_to`
+    rows when given; the real rows)."""
+    chunk = {k: v[start:start + rows] for k, v in feeds.items()}
     rows = len(next(iter(chunk.values())))
-    if pad and rows < step:
-        chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)])
+    if padded_to and rows < padded_to:
+        chunk = {k: np.concatenate([v, np.repeat(v[-1:], padded_to - rows, axis=0)])
                  for k, v in chunk.items()}
     return chunk, rows
 

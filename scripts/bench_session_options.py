@@ -2,7 +2,8 @@
 
 Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50 on GoogLeNet
 (or another model) through onnxattr's engine, chunks of `--batch-size` path images, median of
-`--repeats` runs after one warm-up. Variants:
+`--repeats` runs after one warm-up; with `--rounds` R, R such processes per variant, the
+variants taking turns, and the median of their medians (peak: the largest). Variants:
 
     default        onnxattr's sessions (memory arena on, memory pattern off, ORT_ENABLE_ALL;
                    on 2 or more cores two worker sessions, each with half the threads, run
@@ -15,6 +16,7 @@ Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50
 
     python scripts/bench_session_options.py [--model models/googlenet.onnx] [--steps 50]
                                             [--batch-size 16] [--repeats 3] [--threads 2]
+                                            [--variants default,one-worker,...] [--rounds 1]
 """
 
 import argparse
@@ -82,27 +84,38 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per variant, taking turns; the median of theirs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=REPO / "build" / "bench" / "cache")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, the first is the baseline")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
-    rows = {}
-    for name in VARIANTS:
-        command = [sys.executable, __file__, "--child", name, "--model", str(args.model),
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads),
-                   "--cache", str(args.cache)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        base = rows["default"]
-        print(f"{name:14s} IG-{args.steps} batch {args.batch_size}: "
-              f"{rows[name]['seconds']:6.2f} s (x{rows[name]['seconds'] / base['seconds']:.2f})"
-              f"  peak {rows[name]['peak_mb']:6.0f} MB "
-              f"(x{rows[name]['peak_mb'] / base['peak_mb']:.2f})", flush=True)
+    names = args.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variant(s): {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+    runs = {name: [] for name in names}
+    for _ in range(args.rounds):  # the variants take turns, so a slow spell hits them all
+        for name in names:
+            command = [sys.executable, __file__, "--child", name, "--model", str(args.model),
+                       "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads),
+                       "--cache", str(args.cache)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = {name: {"seconds": statistics.median(r["seconds"] for r in results),
+                   "peak_mb": max(r["peak_mb"] for r in results)}
+            for name, results in runs.items()}
+    base = rows[names[0]]
+    for name, row in rows.items():
+        print(f"{name:14s} IG-{args.steps} batch {args.batch_size}: {row['seconds']:6.2f} s "
+              f"(x{row['seconds'] / base['seconds']:.2f})  peak {row['peak_mb']:6.0f} MB "
+              f"(x{row['peak_mb'] / base['peak_mb']:.2f})", flush=True)
     return rows
-
 
 if __name__ == "__main__":
     main()

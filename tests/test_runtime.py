@@ -90,23 +90,26 @@ def test_pad_last_keeps_one_shape_per_session(monkeypatch):
     assert made[0].shapes == [(3, 1)] * 3
     np.testing.assert_array_equal(out, x * 2)
     made[0].shapes.clear()
-    pool.run({"x": x}, ["y"], batch_size=3)
-    assert made[0].shapes == [(3, 1), (3, 1), (1, 1)]
+    pool.run({"x": x}, ["y"], batch_size=3)  # no padding: chunks of even size
+    assert made[0].shapes == [(2, 1), (3, 1), (2, 1)]
 
 
 def test_workers_share_the_threads_and_split_each_batch(monkeypatch):
-    """Two workers run the halves of a batch at once, in order; a single chunk runs on the
-    session with all the threads, and the workers' sessions are made only when needed."""
+    """Two workers run the halves of a batch at once, in order; a single chunk, or a run too
+    short to start the workers' sessions, runs on the session with all the threads; sessions
+    are made only when needed."""
     pool, made = fake_pool(monkeypatch, threads=4, workers=2)
     x = np.arange(11, dtype=np.float32).reshape(11, 1)
-    (out,) = pool.run({"x": x[:1]}, ["y"])
-    assert [s.threads for s in made] == [4] and made[0].shapes == [(1, 1)]
+    pool.run({"x": x[:1]}, ["y"])
+    (out,) = pool.run({"x": x[:7]}, ["y"], batch_size=4)  # under 4 rows per worker
+    np.testing.assert_array_equal(out, x[:7] * 2)
+    assert [s.threads for s in made] == [4] and made[0].shapes == [(1, 1), (4, 1), (3, 1)]
     (out,) = pool.run({"x": x}, ["y"], batch_size=8)
     np.testing.assert_array_equal(out, x * 2)
     whole, first, second = made
-    assert (first.threads, second.threads) == (2, 2) and whole.shapes == [(1, 1)]
-    assert first.shapes == [(4, 1), (3, 1)] and second.shapes == [(4, 1)]
-    (out,) = pool.run({"x": x[:6]}, ["y"])  # no batch size: all rows at once, in two halves
+    assert (first.threads, second.threads) == (2, 2) and len(whole.shapes) == 3
+    assert first.shapes == [(4, 1), (4, 1)] and second.shapes == [(3, 1)]
+    (out,) = pool.run({"x": x[:6]}, ["y"])  # the workers exist: any run of 2+ rows uses them
     assert len(made) == 3 and first.shapes[-1] == second.shapes[-1] == (3, 1)
     np.testing.assert_array_equal(out, x[:6] * 2)
     pool, made = fake_pool(monkeypatch, threads=4, workers=2)
@@ -140,3 +143,12 @@ def test_gpu_check_says_when_there_is_no_cuda(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "CUDAExecutionProvider not available" in done.stderr
+
+
+@pytest.mark.parametrize("total,most", [(50, 16), (1, 16), (16, 16), (17, 16), (81, 16), (7, 1)])
+def test_even_chunks_are_the_fewest_and_differ_by_at_most_one_row(total, most):
+    bounds = runtime.even_chunks(total, most)
+    sizes = [end - start for start, end in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert len(bounds) == -(-total // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
