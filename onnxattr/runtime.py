@@ -113,10 +113,12 @@ def default_workers(device, threads=None):
     Two sessions with one thread each, each running half of a chunk at the same time, keep
     both cores busy through the ops onnxruntime runs on one thread (MaxPool's scatter, layout
     reorders, small elementwise ops) and spend no time synchronising threads inside an op. On
-    2 cores, IG-50 on GoogLeNet in chunks of 16 took 5.73 and 5.57 s against 7.75 and 6.56 s
-    with one 2-thread session (two runs of `python scripts/bench_session_options.py`, variant
-    one-worker), at 1.28-1.32x the peak memory (each session keeps its own arena). A run that
-    is one chunk (a single image's gradient) runs on one session with all the threads.
+    2 cores, IG-50 in chunks of 16 with one 2-thread session took 1.14x the time on GoogLeNet,
+    1.06x on ResNet-18 and 1.07x on MobileNetV2, at 0.94x, 0.84x and 1.05x the peak memory
+    (each session keeps its own weights, prepacked, and arena; `python
+    scripts/bench_session_options.py --model M --variants default,one-worker --rounds 3`). A
+    run that is one chunk (a single image's gradient) runs on one session with all the
+    threads.
     More than two workers was not measured (this machine has 2 cores), so larger machines
     get two sessions of half the threads each.
     """
