@@ -16,7 +16,7 @@ from .image import load_image, to_pixels
 from .methods import get_method
 from .model import load_model
 from .render import attribution_map
-from .runtime import provider_options
+from .runtime import check_counts, provider_options
 
 DEFAULT_MODEL = "models/googlenet.onnx"
 
@@ -77,6 +77,7 @@ class Explainer:
                  mean=None, std=None, workers=None):
         provider_options(device, precision)  # a missing CUDA provider fails here, before images
         check_builder(builder)
+        check_counts(threads, workers)
         self.model_path = str(model)
         self.classifier = load_model(model).with_contract(pixel_range, mean, std)
         if self.classifier.compiled:

@@ -125,6 +125,15 @@ def default_workers(device, threads=None):
     return 2 if device == "cpu" and cpu_threads(threads) >= 2 else 1
 
 
+def check_counts(threads=None, workers=None):
+    """Refuse a thread or worker count that is not a whole number of at least 1 (None: the
+    default)."""
+    for name, value in (("threads", threads), ("workers", workers)):
+        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if value is not None and (not whole or value < 1):
+            raise OnnxAttrError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
 def cpu_threads(threads=None):
     """`threads`, or else the number of CPUs this process may run on."""
     if threads:

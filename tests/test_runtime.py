@@ -117,6 +117,14 @@ def test_workers_share_the_threads_and_split_each_batch(monkeypatch):
     assert [s.threads for s in made] == [2, 2]  # no session with all the threads unused
 
 
+@pytest.mark.parametrize("option", [{"workers": 0}, {"workers": "2"}, {"threads": -1},
+                                    {"threads": True}, {"workers": 1.5}])
+def test_thread_and_worker_counts_are_checked(option, tmp_path):
+    path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
+    with pytest.raises(OnnxAttrError, match="must be a whole number of at least 1"):
+        Explainer(path, **option)
+
+
 def test_default_workers():
     assert runtime.default_workers("cpu", 2) == 2 and runtime.default_workers("cpu", 8) == 2
     assert runtime.default_workers("cpu", 1) == 1 and runtime.default_workers("cuda", 8) == 1
