@@ -166,20 +166,16 @@ class CompiledEngine:
         shifted = np.exp(values - values.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True), values
 
-    def _run(self, session, feeds, outputs, batch_size):
-        return session.run(feeds, outputs, batch_size, self.classifier.batch,
-                           pad_last=self.device == "cuda")
-
     def _make_session(self, model):
-        return SessionPool(model, self.device, self.threads, self.precision, self.workers)
+        return SessionPool(model, self.device, self.threads, self.precision, self.workers,
+                           self.classifier.batch)
 
     def forward(self, pixels, batch_size=None):
         """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""
         if self._forward_session is None:
             self._forward_session = self._make_session(forward_part(self.classifier.proto))
-        (values,) = self._run(self._forward_session,
-                              {IMAGE: pixels.astype(np.float32, copy=False)},
-                              [self._class_output], batch_size)
+        (values,) = self._forward_session.run({IMAGE: pixels.astype(np.float32, copy=False)},
+                                              [self._class_output], batch_size)
         return self._both(values)
 
     def target_scores(self, pixels, targets, score=PROB, batch_size=None):
@@ -221,6 +217,6 @@ class CompiledEngine:
             self._session = self._make_session(self.classifier.proto)
         feeds = {IMAGE: pixels.astype(np.float32, copy=False),
                  TARGET: np.asarray(targets, np.int64).reshape(len(pixels))}
-        attribution, values = self._run(self._session, feeds,
-                                        [ATTRIBUTION, self._class_output], batch_size)
+        attribution, values = self._session.run(feeds, [ATTRIBUTION, self._class_output],
+                                                batch_size)
         return (attribution, *self._both(values))

@@ -66,12 +66,8 @@ class AttributionEngine:
         return self._forward_graphs[key]
 
     def session(self, graph):
-        return SessionPool(graph, self.device, self.threads, self.precision, self.workers)
-
-    def run(self, session, feeds, outputs, batch_size=None):
-        """A batched run at the model's fixed batch, padding on CUDA (one shape per session)."""
-        return session.run(feeds, outputs, batch_size, self.classifier.batch,
-                           pad_last=self.device == "cuda")
+        return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
+                           self.classifier.batch)
 
     def forward(self, pixels, batch_size=None, reuse=True):
         """Class probabilities and logits for pixels [N, C, H, W].
@@ -83,9 +79,8 @@ class AttributionEngine:
         if self._last_forward[0] != key or not reuse:
             if self._forward_session is None:
                 self._forward_session = self.session(self.forward_graph())
-            self._last_forward = (key, tuple(self.run(
-                self._forward_session, {self.classifier.input_name: pixels}, [PROB, LOGITS],
-                batch_size)))
+            self._last_forward = (key, tuple(self._forward_session.run(
+                {self.classifier.input_name: pixels}, [PROB, LOGITS], batch_size)))
         return self._last_forward[1]
 
     def gradient_graph(self, rule=VANILLA, score=PROB, layer=None, portable=False):
@@ -165,4 +160,4 @@ class AttributionEngine:
         feeds = {self.classifier.input_name: pixels.astype(np.float32, copy=False), ONEHOT: onehot}
         wrt = layer or self.classifier.input_name
         outputs = [*([layer] if layer else []), gradient_output(wrt), PROB, LOGITS]
-        return tuple(self.run(self._gradient_sessions[key], feeds, outputs, batch_size))
+        return tuple(self._gradient_sessions[key].run(feeds, outputs, batch_size))

@@ -10,7 +10,7 @@ in TF32 (10-bit mantissas) unless `use_tf32` is 0, which made maps 4-12% off on 
 `precision="tf32"` opts in. cuDNN's algorithm search is HEURISTIC rather than onnxruntime's
 EXHAUSTIVE default, which re-benchmarks every convolution at each new input shape (1.01 s per
 shape change on an H200 where a repeated call takes 3 ms); batched runs also keep one shape per
-session by padding the last chunk (`pad_last`).
+session by padding the last chunk (SessionPool).
 """
 
 import os
@@ -145,11 +145,17 @@ class SessionPool:
     """The sessions of one graph, made when first needed: `workers` sessions with threads /
     workers each that run the chunks of a run at the same time (see default_workers), and one
     with all `threads` for a run that is one chunk, or too short to be worth the workers'
-    sessions before they exist (each holds its own copy of the weights, prepacked)."""
+    sessions before they exist (each holds its own copy of the weights, prepacked).
 
-    def __init__(self, model, device="cpu", threads=None, precision="float32", workers=None):
+    `fixed_batch`: the graph's own fixed batch size; every chunk is exactly that big (the last
+    one padded with copies of its last row), so a model exported for batch 1 sees one image at
+    a time and rows never mix. On CUDA, chunks of a run's batch_size are padded the same way,
+    so the session sees one input shape (cuDNN's algorithm search runs once per shape)."""
+
+    def __init__(self, model, device="cpu", threads=None, precision="float32", workers=None,
+                 fixed_batch=None):
         self.model, self.device, self.precision = model, device, precision
-        self.threads = threads
+        self.threads, self.fixed_batch = threads, fixed_batch
         self.workers = workers or default_workers(device, threads)
         self._whole = None
         self._parts = []
@@ -166,37 +172,30 @@ class SessionPool:
                            for _ in range(self.workers)]
         return self._parts
 
-    def run(self, feeds, outputs, batch_size=None, fixed_batch=None, pad_last=False):
+    def run(self, feeds, outputs, batch_size=None):
         """Run the graph on `feeds` (arrays sharing batch axis 0) in chunks; concatenate
-        `outputs`.
-
-        `batch_size`: rows in flight at once, split over the workers into chunks of even size
-        (a short last chunk grows onnxruntime's arenas on the CPU). `fixed_batch`: the graph's
-        own fixed batch size; chunks are exactly that big (the last one padded with copies of
-        its last row), so a model exported for batch 1 sees one image at a time and rows never
-        mix. `pad_last`: chunks of `batch_size` with the last one padded too, so the session
-        sees one input shape (CUDA's algorithm search runs once per shape).
-        """
+        `outputs`. `batch_size`: rows in flight at once, split over the workers into chunks of
+        even size (a short last chunk grows onnxruntime's arenas on the CPU)."""
         total = len(next(iter(feeds.values())))
         in_flight = batch_size or total
         split = self.workers > 1 and (bool(self._parts) or
                                       total >= MIN_ROWS_PER_WORKER * self.workers)
-        if fixed_batch or (pad_last and batch_size is not None and total > in_flight):
-            step = fixed_batch or in_flight
-            chunks = [_chunk(feeds, start, step, step) for start in range(0, total, step)]
+        pad_to = self.fixed_batch or (in_flight if self.device == "cuda" and batch_size
+                                      and total > in_flight else None)
+        if pad_to:
+            chunks = [_chunk(feeds, start, pad_to, pad_to) for start in range(0, total, pad_to)]
         else:
-            lanes = self.workers if split else 1
-            chunks = [_chunk(feeds, start, end - start)
-                      for start, end in even_chunks(total, -(-in_flight // lanes))]
+            most = -(-in_flight // (self.workers if split else 1))
+            chunks = [_chunk(feeds, start, end - start) for start, end in even_chunks(total, most)]
         if not split or len(chunks) == 1:
             session = self._whole_session()
             results = [session.run(outputs, chunk) for chunk, _ in chunks]
         else:
             sessions = self._part_sessions()
             with ThreadPoolExecutor(len(sessions)) as pool:  # onnxruntime releases the GIL
-                lanes = [pool.submit(_run_lane, session, chunks[i::len(sessions)], outputs)
-                         for i, session in enumerate(sessions)]
-                by_lane = [lane.result() for lane in lanes]
+                futures = [pool.submit(_run_lane, session, chunks[i::len(sessions)], outputs)
+                           for i, session in enumerate(sessions)]
+                by_lane = [future.result() for future in futures]
             results = [by_lane[i % len(sessions)][i // len(sessions)] for i in range(len(chunks))]
         return [np.concatenate([result[j][:rows] for result, (_, rows) in zip(results, chunks)])
                 for j in range(len(outputs))]

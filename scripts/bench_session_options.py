@@ -117,5 +117,6 @@ def main(argv=None):
               f"(x{row['peak_mb'] / base['peak_mb']:.2f})", flush=True)
     return rows
 
+
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import pytest
 from conftest import GRADIENT_BUILDERS
 from onnx import helper
 
-from onnxattr import Explainer, OnnxAttrError
+from onnxattr import Explainer, OnnxAttrError, builders
 from onnxattr.builders import BUILDERS
 from onnxattr.errors import OnnxAttrNote
 from onnxattr.image import load_pixels
@@ -200,8 +200,6 @@ def test_cache_keys_include_the_builder(tmp_path):
 
 def test_cache_keys_change_with_the_code_that_builds_graphs(tmp_path, monkeypatch):
     """A graph built by other onnxattr code (same version number) is rebuilt, not reused."""
-    from onnxattr import builders
-
     cache = builders.GraphCache(tmp_path)
     before = cache.path("digest", builder="native")
     assert cache.path("digest", builder="native") == before

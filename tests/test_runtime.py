@@ -22,7 +22,7 @@ class FakeSession:
         return [x * 2]
 
 
-def fake_pool(monkeypatch, threads=2, workers=None):
+def fake_pool(monkeypatch, threads=2, workers=None, device="cpu", fixed_batch=None):
     """A SessionPool of FakeSessions; `made` lists them in the order they were made."""
     made = []
 
@@ -30,7 +30,8 @@ def fake_pool(monkeypatch, threads=2, workers=None):
         made.append(FakeSession(threads))
         return made[-1]
     monkeypatch.setattr(runtime, "make_session", make_session)
-    return runtime.SessionPool(None, "cpu", threads, workers=workers), made
+    return runtime.SessionPool(None, device, threads, workers=workers,
+                               fixed_batch=fixed_batch), made
 
 
 @pytest.fixture
@@ -76,21 +77,21 @@ def test_explainer_takes_the_precision(with_cuda, tmp_path):
 
 
 def test_fixed_batch_runs_exact_chunks_and_pads_the_last(monkeypatch):
-    pool, made = fake_pool(monkeypatch, workers=1)
+    pool, made = fake_pool(monkeypatch, workers=1, fixed_batch=2)
     x = np.arange(5, dtype=np.float32).reshape(5, 1)
-    (out,) = pool.run({"x": x}, ["y"], batch_size=4, fixed_batch=2)
+    (out,) = pool.run({"x": x}, ["y"], batch_size=4)
     assert made[0].shapes == [(2, 1), (2, 1), (2, 1)] and len(made) == 1
     np.testing.assert_array_equal(out, x * 2)
 
 
-def test_pad_last_keeps_one_shape_per_session(monkeypatch):
-    pool, made = fake_pool(monkeypatch, workers=1)
+def test_cuda_pads_the_last_chunk_to_keep_one_shape_per_session(monkeypatch):
+    pool, made = fake_pool(monkeypatch, device="cuda")
     x = np.arange(7, dtype=np.float32).reshape(7, 1)
-    (out,) = pool.run({"x": x}, ["y"], batch_size=3, pad_last=True)
-    assert made[0].shapes == [(3, 1)] * 3
+    (out,) = pool.run({"x": x}, ["y"], batch_size=3)
+    assert made[0].shapes == [(3, 1)] * 3 and len(made) == 1
     np.testing.assert_array_equal(out, x * 2)
-    made[0].shapes.clear()
-    pool.run({"x": x}, ["y"], batch_size=3)  # no padding: chunks of even size
+    pool, made = fake_pool(monkeypatch, workers=1)
+    pool.run({"x": x}, ["y"], batch_size=3)  # CPU: no padding, chunks of even size
     assert made[0].shapes == [(2, 1), (3, 1), (2, 1)]
 
 
@@ -132,11 +133,15 @@ def test_default_workers():
 
 def test_workers_give_the_same_gradients_as_one_session(tmp_path):
     path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
-    pixels = np.random.default_rng(5).uniform(0, 255, (7, 3, 8, 8)).astype(np.float32)
-    targets = np.arange(7) % 3
-    one, two = (Explainer(path, cache_dir=tmp_path, threads=2, workers=w).engine.gradient(
-        pixels, targets, batch_size=4)[0] for w in (1, 2))
-    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-8)
+    pixels = np.random.default_rng(5).uniform(0, 255, (10, 3, 8, 8)).astype(np.float32)
+    targets = np.arange(10) % 3
+    gradients = {}
+    for workers in (1, 2):
+        engine = Explainer(path, cache_dir=tmp_path, threads=2, workers=workers).engine
+        gradients[workers] = engine.gradient(pixels, targets, batch_size=8)[0]
+        (pool,) = engine._gradient_sessions.values()
+        assert len(pool._parts) == (2 if workers == 2 else 0)  # 10 rows: 3, 4, 3 on 2 lanes
+    np.testing.assert_allclose(gradients[1], gradients[2], rtol=1e-5, atol=1e-8)
 
 
 def test_gpu_check_says_when_there_is_no_cuda(tmp_path):
