@@ -17,7 +17,11 @@ by default (`--precision tf32` lets both use TF32), timed with the GPU synchroni
 
 The "gradient-<builder>" cases time the gradient graph of each builder side by side (the
 native graph and onnxruntime-training's, lowered to standard ops); "rel L2" checks that both
-sides computed the same thing.
+sides computed the same thing. With "forward-batch64" in the cases, each IG case also gets its
+floor: the time of gradients that cost exactly two of onnxattr's forward passes at batch 64 per
+path image (the forward pass, and one adjoint per convolution with the same multiply-adds), as
+a ratio to Captum's time for the case: a gradient graph run by onnxruntime's kernels does not
+get below it.
 """
 
 import argparse
@@ -86,6 +90,8 @@ def cases(args):
             lambda s, builder=builder: s.other(builder).gradient(s.pixels, s.targets)[0],
             lambda s: s.saliency.attribute(s.x, target=s.target, abs=False))
            for builder in ("native", "onnxruntime")},
+        f"forward-batch{BATCH}": (lambda s: s.engine.forward(s.batch, reuse=False),
+                                   lambda s: s.model(s.x_batch)),
         f"gradient-batch{BATCH}": (
             lambda s: s.engine.gradient(s.batch, s.targets * BATCH)[0],
             lambda s: s.saliency.attribute(s.x_batch, target=s.target, abs=False)),
@@ -347,8 +353,30 @@ def measure_model(args, name):
     seconds = {r["case"]: r["onnxattr_s"] for r in rows}
     used = {"/".join(str(k) for k in key if k): b for key, b in ours.engine.builders_used.items()}
     return {"model": name, "rows": rows, "builders": used,
-            "gradient_over_forward": seconds["gradient"] / seconds["forward"]
-            if {"gradient", "forward"} <= seconds.keys() else None}
+            "gradient_over_forward": _ratio(seconds, "gradient", "forward"),
+            "gradient_over_forward_batch": _ratio(seconds, f"gradient-batch{BATCH}",
+                                                  f"forward-batch{BATCH}"),
+            "ig_floors": ig_floors(rows)}
+
+
+def _ratio(seconds, case, other):
+    return seconds[case] / seconds[other] if {case, other} <= seconds.keys() else None
+
+
+def ig_floors(rows):
+    """For each IG case: the time of `steps` gradients that cost two forward passes each at
+    batch BATCH, and its ratio to Captum's time for the case."""
+    by_case = {r["case"]: r for r in rows}
+    forward = by_case.get(f"forward-batch{BATCH}")
+    if forward is None:
+        return {}
+    floors = {}
+    for case, row in by_case.items():
+        if case.startswith("ig-"):
+            steps = int(case.split("-")[1])
+            seconds = 2 * steps * forward["onnxattr_s"] / BATCH
+            floors[case] = {"seconds": seconds, "ratio": seconds / row["captum_s"]}
+    return floors
 
 
 def machine(args):
@@ -382,6 +410,12 @@ def print_table(report, machine_info):
         print(line + f" {agreement:>8} |")
     if report["gradient_over_forward"]:
         print(f"onnxattr gradient / forward: {report['gradient_over_forward']:.2f}")
+    if report["gradient_over_forward_batch"]:
+        print(f"onnxattr gradient / forward at batch {BATCH}: "
+              f"{report['gradient_over_forward_batch']:.2f}")
+    for case, floor in report["ig_floors"].items():
+        print(f"{case} floor (two forward passes at batch {BATCH} per path image): "
+              f"{floor['seconds']:.2f} s, ratio {floor['ratio']:.2f}")
 
 
 def main(argv=None):

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench.py"
+CASES = "forward,gradient,gradient-native,forward-batch64,ig-4-batch4"
 
 
 @pytest.mark.slow
@@ -20,16 +22,29 @@ def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tm
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(BENCH), "--model", str(googlenet_path),
                     "--caffe", str(googlenet_caffe_dir), "--repeats", "1", "--ig-steps", "4",
-                    "--ig-batch-sizes", "4", "--cases", "forward,gradient,gradient-native",
-                    "--no-memory", "--json", str(out)], check=True, capture_output=True,
-                   text=True, env={**os.environ, "ONNXATTR_CACHE": str(tmp_path / "cache")})
+                    "--ig-batch-sizes", "4", "--cases", CASES, "--no-memory", "--json",
+                    str(out)], check=True, capture_output=True, text=True,
+                   env={**os.environ, "ONNXATTR_CACHE": str(tmp_path / "cache")})
     (report,) = json.loads(out.read_text())["models"]
     assert report["model"] == "googlenet"
-    assert [r["case"] for r in report["rows"]] == ["forward", "gradient", "gradient-native"]
+    assert [r["case"] for r in report["rows"]] == CASES.split(",")
     for row in report["rows"]:
         assert row["onnxattr_s"] > 0 and row["captum_s"] > 0
         assert row["relative_l2"] < 2e-2, row
     assert report["gradient_over_forward"] > 1
+    assert list(report["ig_floors"]) == ["ig-4-batch4"]
+
+
+def test_ig_floor_is_two_forward_passes_per_step():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench import BATCH, ig_floors
+
+    rows = [{"case": f"forward-batch{BATCH}", "onnxattr_s": BATCH * 0.5, "captum_s": 1.0},
+            {"case": "ig-50-batch16", "onnxattr_s": 9.0, "captum_s": 200.0},
+            {"case": "ig-50-default", "onnxattr_s": 9.0, "captum_s": 100.0}]
+    assert ig_floors(rows) == {"ig-50-batch16": {"seconds": 50.0, "ratio": 0.25},
+                               "ig-50-default": {"seconds": 50.0, "ratio": 0.5}}
+    assert ig_floors(rows[1:]) == {}
 
 
 @pytest.mark.slow
@@ -44,3 +59,29 @@ def test_bench_child_reports_its_peak_memory(side, googlenet_path, googlenet_caf
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     # before_mb is taken with the model loaded: the gradient call allocates beyond it
     assert memory["peak_mb"] > memory["before_mb"] > 0
+
+
+def test_rejected_forms_agree_with_the_kept_ones():
+    """The record of rejected backward forms runs, and its exact candidates are exact."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_rejected_forms.py"),
+                             "--runs", "1", "--only", "gate"], check=True, capture_output=True,
+                            text=True)
+    candidates = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(candidates) == 3 * 5  # three shapes, two ReLU and three ReLU6 forms
+    assert all(line.endswith("equal") for line in candidates), result.stdout
+
+
+def test_chained_adds_keep_the_sum():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_rejected_forms import chained_adds, model, node
+
+    from onnxattr.runtime import make_session
+
+    inputs = {name: (1, [2, 3]) for name in "abcd"}
+    summed = model([node("Sum", list("abcd"), ["dx"])], inputs)
+    chained = chained_adds(summed)
+    assert [n.op_type for n in chained.graph.node] == ["Add"] * 3
+    feeds = {name: np.random.default_rng(i).standard_normal((2, 3)).astype(np.float32)
+             for i, name in enumerate("abcd")}
+    expected = make_session(summed).run(None, feeds)[0]
+    np.testing.assert_array_equal(make_session(chained).run(None, feeds)[0], expected)
