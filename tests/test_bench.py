@@ -71,17 +71,31 @@ def test_rejected_forms_agree_with_the_kept_ones():
     assert all(line.endswith("equal") for line in candidates), result.stdout
 
 
-def test_chained_adds_keep_the_sum():
+def test_rewritten_branch_sums_keep_the_sum():
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_rejected_forms import chained_adds, model, node
+    from bench_rejected_forms import FLOAT, chained_adds, merged_pointwise_adjoints, model, node
 
     from onnxattr.runtime import make_session
 
-    inputs = {name: (1, [2, 3]) for name in "abcd"}
-    summed = model([node("Sum", list("abcd"), ["dx"])], inputs)
-    chained = chained_adds(summed)
-    assert [n.op_type for n in chained.graph.node] == ["Add"] * 3
-    feeds = {name: np.random.default_rng(i).standard_normal((2, 3)).astype(np.float32)
-             for i, name in enumerate("abcd")}
+    rng = np.random.default_rng(0)
+    channels = {"dy1": 4, "dy2": 8, "dy3": 3, "other": 5}
+    weights = {f"w{i}": rng.standard_normal((5, channels[f"dy{i}"], 1, 1)).astype(np.float32)
+               for i in (1, 2, 3)}
+    summed = model([node("Conv", ["dy1", "w1"], ["c1"], kernel_shape=[1, 1]),
+                    node("Conv", ["dy2", "w2"], ["c2"], kernel_shape=[1, 1]),
+                    node("Conv", ["dy3", "w3"], ["c3"], kernel_shape=[3, 3], pads=[1] * 4),
+                    node("Sum", ["c1", "other", "c2", "c3"], ["dx"])],
+                   {name: (FLOAT, [1, c, 6, 6]) for name, c in channels.items()},
+                   {**weights, "w3": rng.standard_normal((5, 3, 3, 3)).astype(np.float32)})
+    feeds = {name: rng.standard_normal((1, c, 6, 6)).astype(np.float32)
+             for name, c in channels.items()}
     expected = make_session(summed).run(None, feeds)[0]
+
+    chained = chained_adds(summed)
+    assert [n.op_type for n in chained.graph.node] == ["Conv"] * 3 + ["Add"] * 3
     np.testing.assert_array_equal(make_session(chained).run(None, feeds)[0], expected)
+
+    merged = merged_pointwise_adjoints(summed)  # the 1x1 pair merges, the 3x3 stays apart
+    assert [n.op_type for n in merged.graph.node] == ["Conv", "Concat", "Concat", "Conv", "Sum"]
+    np.testing.assert_allclose(make_session(merged).run(None, feeds)[0], expected, rtol=1e-5,
+                               atol=1e-5)
