@@ -20,8 +20,8 @@ native graph and onnxruntime-training's, lowered to standard ops); "rel L2" chec
 sides computed the same thing. With "forward-batch64" in the cases, each IG case also gets its
 floor: the time of gradients that cost exactly two of onnxattr's forward passes at batch 64 per
 path image (the forward pass, and one adjoint per convolution with the same multiply-adds), as
-a ratio to Captum's time for the case: a gradient graph run by onnxruntime's kernels does not
-get below it.
+a ratio to Captum's time for the case: only the forward's few ops besides its convolutions
+could make a gradient of onnxruntime's kernels a little cheaper.
 """
 
 import argparse

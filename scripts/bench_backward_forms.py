@@ -89,13 +89,15 @@ def bench_conv(threads, runs):
         feeds_all = {**feeds, **x}
         sessions_feeds = {name: {i.name: feeds_all[i.name] for i in m.graph.input}
                           for name, m in candidates.items()}
-        _compare_mixed(f"Conv input gradient, {title}", candidates, sessions_feeds, threads, runs)
+        compare(f"Conv input gradient, {title}", candidates, sessions_feeds, threads, runs)
 
 
-def _compare_mixed(title, candidates, feeds, threads, runs):
-    """compare() for candidates with different inputs (the forward reference); no diff for it."""
+def compare(title, candidates, feeds, threads, runs):
+    """Time the candidate models interleaved ({name: feeds} each: a forward reference, named
+    "(...)", may read other inputs) and print each one's median, its ratio to the first and
+    whether all its outputs equal the first's ("equal", else the largest |difference|)."""
     sessions = {name: session(model, threads) for name, model in candidates.items()}
-    results = {name: s.run(None, feeds[name])[0] for name, s in sessions.items()}
+    results = {name: s.run(None, feeds[name]) for name, s in sessions.items()}
     times = {name: [] for name in sessions}
     for _ in range(3):
         for name, s in sessions.items():
@@ -110,8 +112,11 @@ def _compare_mixed(title, candidates, feeds, threads, runs):
     print(f"\n{title}")
     for name in sessions:
         median = np.median(times[name])
-        same = results[name].shape == results[first].shape and not name.startswith("(")
-        diff = (f"max|diff| {np.abs(results[name] - results[first]).max():.1e}" if same else "")
+        pairs = list(zip(results[name], results[first]))
+        diff = ""
+        if not name.startswith("(") and all(a.shape == b.shape for a, b in pairs):
+            diff = ("equal" if all(np.array_equal(a, b) for a, b in pairs) else
+                    f"max|diff| {max(float(np.abs(a - b).max()) for a, b in pairs):.1e}")
         print(f"  {name:<44} {median * 1e3:8.2f} ms  x{median / base:5.2f}  {diff}")
 
 
@@ -146,7 +151,7 @@ def bench_pool(threads, runs):
         candidates["(forward MaxPool with Indices)"] = build(
             inputs, lambda em: em.op("Add", em.op("MaxPool", "x", outputs=2, **attrs)[0], "dy"))
         feeds = {"x": x, "dy": dy}
-        _compare_mixed(f"MaxPool backward (incl. forward MaxPool), {title}", candidates,
+        compare(f"MaxPool backward (incl. forward MaxPool), {title}", candidates,
                        {name: feeds for name in candidates}, threads, runs)
 
 
@@ -166,7 +171,7 @@ def bench_relu(threads, runs):
         candidates = {f"active from the Relu's {read}, {gate}": build(
             inputs, lambda em, read=read, gate=gate: emit(em, read, gate), {"W": w})
             for read, gate in (("input", "where"), ("output", "where"), ("output", "mul"))}
-        _compare_mixed(f"Conv + Relu forward and the Relu backward, {title}", candidates,
+        compare(f"Conv + Relu forward and the Relu backward, {title}", candidates,
                        {name: feeds for name in candidates}, threads, runs)
 
 

@@ -1,7 +1,7 @@
 """Time backward forms that were tried for issue 14 and not kept, against the form onnxattr
-emits (onnxruntime CPU, batch 1, medians of interleaved runs; every candidate is checked
-against the kept form). The kept forms are in onnxattr/backward_forms.py; this script is the
-record of why the others lost.
+emits (onnxruntime CPU, batch 1, medians of interleaved runs; every candidate's outputs are
+compared with the kept form's: "equal" bit for bit, else the largest difference). The kept
+forms are in onnxattr/backward_forms.py; this script is the record of why the others lost.
 
     python scripts/bench_rejected_forms.py [--threads 1] [--runs 21]
         [--only strided|gate|scatter|sums] [--googlenet models/googlenet.onnx]
@@ -23,21 +23,23 @@ sums     GoogLeNet's gradient graph with each n-ary Sum of branch gradients as a
 import argparse
 import collections
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxattr.runtime import make_session, onnxruntime  # noqa: E402
+from bench_backward_forms import build, compare  # noqa: E402
 
-FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+from onnxattr import backward_forms as forms  # noqa: E402
+from onnxattr.runtime import onnxruntime  # noqa: E402
+
 node = helper.make_node
-# name: (out channels M, in channels C, kernel, stride, pad, input size, group)
+# name: (out channels M, in channels C, kernel, stride, pad, input size, group); every layer
+# has (out - 1) * stride + kernel = size + 2 * pad: its stride grid is the grid of a stride-1 Conv
 STRIDED = {
     "resnet18 stem 7x7/2 3->64 224": (64, 3, 7, 2, 3, 224, 1),
     "resnet18 3x3/2 64->128 56": (128, 64, 3, 2, 1, 56, 1),
@@ -52,138 +54,99 @@ GATE_SHAPES = [(1, 96, 112, 112), (1, 144, 56, 56), (16, 144, 56, 56)]
 SCATTERS = [(64 * 112 * 112, 64 * 56 * 56), (480 * 14 * 14, 480 * 14 * 14)]
 
 
-def model(nodes, inputs, initializers=None, opset=17):
-    """A float32 model from nodes, graph inputs {name: (type, shape)} and initializers; its
-    output is "dx"."""
-    graph = helper.make_graph(
-        nodes, "candidate",
-        [helper.make_tensor_value_info(name, kind, shape) for name, (kind, shape)
-         in inputs.items()],
-        [helper.make_tensor_value_info("dx", FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in (initializers or {}).items()])
-    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    made.ir_version = 8
-    return made
+def ints(em, values):
+    return em.const(np.array(values, np.int64))
 
 
-def race(title, candidates, feeds, threads, runs, exact):
-    """Print each candidate's median time and its largest difference from the first, over all
-    outputs (relative to each output's largest magnitude)."""
-    sessions = {name: make_session(m, threads=threads) for name, m in candidates.items()}
-    results = {name: s.run(None, feeds) for name, s in sessions.items()}
-    kept = next(iter(results.values()))
-    times = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-    print(title)
-    base = np.median(times[next(iter(times))])
-    for name, values in times.items():
-        equal = all(np.array_equal(a, b) for a, b in zip(results[name], kept))
-        diff = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-                   for a, b in zip(results[name], kept))
-        agree = "equal" if equal else f"max diff {diff:.1e}"
-        if exact and not equal:
-            agree += " (NOT EXACT)"
-        print(f"  {name:32s} {np.median(values) * 1e3:8.2f} ms  {np.median(values) / base:5.2f}x"
-              f"  {agree}")
-
-
-def flipped(w, group):
-    """Weights of the stride-1 adjoint Conv: per group in/out swapped, spatially reversed."""
-    m, c_per, k, _ = w.shape
-    w = w.reshape(group, m // group, c_per, k, k).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(w.reshape(group * c_per, m // group, k, k)[:, :, ::-1, ::-1])
+def race(title, candidates, feeds, args):
+    """bench_backward_forms.compare with the same feeds for every candidate."""
+    compare(title, candidates, dict.fromkeys(candidates, feeds), args.threads, args.runs)
 
 
 def strided_candidates(m, c, k, s, p, size, group, rng):
+    """The kept adjoint (backward_forms.conv_input_grad: ConvTranspose at stride 2) and the
+    rejected ones, as models of dY."""
     out = (size + 2 * p - k) // s + 1
     w = rng.standard_normal((m, c // group, k, k)).astype(np.float32)
-    inputs = {"dy": (FLOAT, [1, m, out, out])}
-    output_padding = size - ((out - 1) * s - 2 * p + k)
-    kept = model([node("ConvTranspose", ["dy", "w"], ["dx"], kernel_shape=[k, k], strides=[s, s],
-                       pads=[p] * 4, output_padding=[output_padding] * 2, group=group)],
-                 inputs, {"w": w})
-    # zero insertion: dY at every s-th cell of an (out*s)^2 grid, then the stride-1 adjoint
-    grid = out * s
-    end = size + p - grid  # the Conv's end pad; negative: crop the grid instead
-    nodes = [node("Reshape", ["dy", "shape6"], ["dy6"]), node("Pad", ["dy6", "pads"], ["z6"]),
-             node("Reshape", ["z6", "shape4"], ["z"])]
-    inits = {"shape6": np.array([1, m, out, 1, out, 1], np.int64),
-             "pads": np.array([0] * 9 + [s - 1, 0, s - 1], np.int64),
-             "shape4": np.array([1, m, grid, grid], np.int64), "wf": flipped(w, group)}
-    if end < 0:
-        inits.update(start=np.array([0, 0], np.int64), stop=np.array([grid + end] * 2, np.int64),
-                     axes=np.array([2, 3], np.int64))
-        nodes.append(node("Slice", ["z", "start", "stop", "axes"], ["z_cropped"]))
-    nodes.append(node("Conv", [nodes[-1].output[0], "wf"], ["dx"], kernel_shape=[k, k],
-                      group=group, pads=[k - 1 - p] * 2 + [max(end, 0)] * 2))
-    candidates = {"ConvTranspose (kept)": kept, "zero insertion + Conv": model(nodes, inputs, inits)}
+    geometry = dict(kernel=[k, k], pads=[p] * 4, dilations=[1, 1], group=group,
+                    weight_shape=list(w.shape))
+
+    def zero_insertion(em):
+        """dY at every s-th cell of the stride grid, then the stride-1 adjoint over that grid."""
+        spread = em.op("Pad", em.op("Reshape", "dy", ints(em, [1, m, out, 1, out, 1])),
+                       ints(em, [0] * 9 + [s - 1, 0, s - 1]))
+        grid = em.op("Reshape", spread, ints(em, [1, m, out * s, out * s]))
+        return forms.conv_input_grad(em, grid, "w", [size, size], strides=[1, 1],
+                                     out_size=[out * s] * 2, form="flipped_conv", **geometry)
+
+    inputs = {"dy": [1, m, out, out]}
+    candidates = {
+        "ConvTranspose (kept)": build(inputs, lambda em: forms.conv_input_grad(
+            em, "dy", "w", [size, size], strides=[s, s], **geometry), {"w": w}),
+        "zero insertion + Conv": build(inputs, zero_insertion, {"w": w})}
     if group == m == c and (k, s, p) == (3, 2, 1):
-        candidates.update(depthwise_phase_candidates(w, m, out, size, inputs))
+        candidates.update(depthwise_phase_candidates(w, m, size, inputs))
     return candidates, {"dy": rng.standard_normal((1, m, out, out)).astype(np.float32)}
 
 
-def depthwise_phase_candidates(w, channels, out, size, inputs):
+def depthwise_phase_candidates(w, channels, size, inputs):
     """A 3x3 stride-2 pad-1 depthwise adjoint by stride phase: even cells take tap 1, odd cells
     taps 2 and 0 of the next output cell (per axis)."""
     taps = {0: ([1], (0, 0)), 1: ([2, 0], (0, 1))}
-    nodes, inits, phases = [], {}, []
-    grouped = np.zeros((channels, 4, 2, 2), np.float32)
+    kernels, grouped = {}, np.zeros((channels, 4, 2, 2), np.float32)
     for a in (0, 1):
         for b in (0, 1):
-            (rows, row_pads), (cols, col_pads) = taps[a], taps[b]
-            kernel = np.ascontiguousarray(w[:, :, rows][:, :, :, cols])
-            inits[f"w{a}{b}"] = kernel
-            nodes.append(node("Conv", ["dy", f"w{a}{b}"], [f"phase{a}{b}"],
-                              kernel_shape=[len(rows), len(cols)], group=channels,
-                              pads=[row_pads[0], col_pads[0], row_pads[1], col_pads[1]]))
-            phases.append(f"phase{a}{b}")
-            grouped[:, 2 * a + b, :len(rows), :len(cols)] = kernel[:, 0]
-    crop = {"start": np.array([0, 0], np.int64), "end": np.array([size, size], np.int64),
-            "axes": np.array([2, 3], np.int64)}
-    nodes += [node("Concat", phases, ["stacked"], axis=1),
-              node("DepthToSpace", ["stacked"], ["grid"], blocksize=2, mode="DCR"),
-              node("Slice", ["grid", "start", "end", "axes"], ["dx"])]
-    one_conv = [node("Conv", ["dy", "wg"], ["stacked"], kernel_shape=[2, 2], pads=[0, 0, 1, 1],
-                     group=channels),
-                node("DepthToSpace", ["stacked"], ["grid"], blocksize=2, mode="CRD"),
-                node("Slice", ["grid", "start", "end", "axes"], ["dx"])]
-    return {"4 phase depthwise Convs": model(nodes, inputs, {**inits, **crop}),
-            "1 grouped Conv (4 per group)": model(
-                one_conv, inputs, {"wg": grouped.reshape(4 * channels, 1, 2, 2), **crop})}
+            (rows, _), (cols, _) = taps[a], taps[b]
+            kernels[a, b] = np.ascontiguousarray(w[:, :, rows][:, :, :, cols])
+            grouped[:, 2 * a + b, :len(rows), :len(cols)] = kernels[a, b][:, 0]
+
+    def crop(em, grid):
+        return em.op("Slice", grid, ints(em, [0, 0]), ints(em, [size, size]), ints(em, [2, 3]))
+
+    def four_convs(em):
+        phases = [em.op("Conv", "dy", em.const(kernel), kernel_shape=list(kernel.shape[2:]),
+                        group=channels, pads=[taps[a][1][0], taps[b][1][0], taps[a][1][1],
+                                              taps[b][1][1]])
+                  for (a, b), kernel in kernels.items()]
+        stacked = em.op("Concat", *phases, axis=1)
+        return crop(em, em.op("DepthToSpace", stacked, blocksize=2, mode="DCR"))
+
+    def one_conv(em):
+        stacked = em.op("Conv", "dy", em.const(grouped.reshape(4 * channels, 1, 2, 2)),
+                        kernel_shape=[2, 2], pads=[0, 0, 1, 1], group=channels)
+        return crop(em, em.op("DepthToSpace", stacked, blocksize=2, mode="CRD"))
+
+    return {"4 phase depthwise Convs": build(inputs, four_convs),
+            "1 grouped Conv (4 per group)": build(inputs, one_conv)}
 
 
 def gate_candidates():
-    inputs = {"y": (FLOAT, None), "dy": (FLOAT, None)}
-    zero, six = np.array(0, np.float32), np.array(6, np.float32)
-    relu6_mask = [node("Greater", ["y", "zero"], ["above"]), node("Less", ["y", "six"], ["below"]),
-                  node("And", ["above", "below"], ["inside"])]
-    return {
-        "relu: Greater, Cast, Mul (kept)": model(
-            [node("Greater", ["y", "zero"], ["inside"]), node("Cast", ["inside"], ["m"], to=FLOAT),
-             node("Mul", ["dy", "m"], ["dx"])], inputs, {"zero": zero}),
-        "relu: Sign, Mul": model([node("Sign", ["y"], ["m"]), node("Mul", ["dy", "m"], ["dx"])],
-                                 inputs),
-        "relu6: And, Cast, Mul (kept)": model(
-            relu6_mask + [node("Cast", ["inside"], ["m"], to=FLOAT),
-                          node("Mul", ["dy", "m"], ["dx"])], inputs, {"zero": zero, "six": six}),
-        "relu6: Sign(Min(y, 6 - y))": model(
-            [node("Sub", ["six", "y"], ["room"]), node("Min", ["y", "room"], ["margin"]),
-             node("Sign", ["margin"], ["m"]), node("Mul", ["dy", "m"], ["dx"])],
-            inputs, {"six": six}),
-        "relu6: Where": model(relu6_mask + [node("Where", ["inside", "dy", "zero"], ["dx"])],
-                              inputs, {"zero": zero, "six": six}),
+    """The kept gates (backward_forms.gate, as the Relu and Clip rules emit them) and the
+    rejected ones, as models of y and dy."""
+    def scalar(em, value):
+        return em.const(np.array(value, np.float32))
+
+    def inside_relu6(em):
+        return em.op("And", em.op("Greater", "y", scalar(em, 0)),
+                     em.op("Less", "y", scalar(em, 6)))
+
+    emits = {
+        "relu: Greater, Cast, Mul (kept)": lambda em: forms.gate(
+            em, "dy", forms.relu_active(em, "y", "y")),
+        "relu: Sign, Mul": lambda em: em.op("Mul", "dy", em.op("Sign", "y")),
+        "relu6: And, Cast, Mul (kept)": lambda em: forms.gate(em, "dy", inside_relu6(em)),
+        "relu6: Sign(Min(y, 6 - y))": lambda em: em.op("Mul", "dy", em.op("Sign", em.op(
+            "Min", "y", em.op("Sub", scalar(em, 6), "y")))),
+        "relu6: Where": lambda em: em.op("Where", inside_relu6(em), "dy", scalar(em, 0)),
     }
+    return {name: build({"y": None, "dy": None}, emit) for name, emit in emits.items()}
 
 
 def bench_strided(args):
     rng = np.random.default_rng(0)
     for title, layer in STRIDED.items():
         candidates, feeds = strided_candidates(*layer, rng)
-        race(title, candidates, feeds, args.threads, args.runs, exact=False)
+        race(title, candidates, feeds, args)
 
 
 def bench_gate(args):
@@ -195,24 +158,30 @@ def bench_gate(args):
         for kind in ("relu:", "relu6:"):
             race(f"{kind[:-1]} gate {shape}",
                  {name: m for name, m in candidates.items() if name.startswith(kind)},
-                 feeds, args.threads, args.runs, exact=True)
+                 feeds, args)
 
 
 def bench_scatter(args):
+    """ScatterElements, the op of the kept form (backward_forms.max_pool_grad), against
+    ScatterND; the indices are constants here."""
     rng = np.random.default_rng(0)
-    inputs = {"data": (FLOAT, None), "index": (INT64, None), "update": (FLOAT, None)}
-    elements = model([node("ScatterElements", ["data", "index", "update"], ["dx"], axis=0,
-                           reduction="add")], inputs, opset=18)
-    nd = model([node("Unsqueeze", ["index", "last"], ["index2"]),
-                node("ScatterND", ["data", "index2", "update"], ["dx"], reduction="add")],
-               inputs, {"last": np.array([1], np.int64)}, opset=18)
     for cells, updates in SCATTERS:
+        index = np.sort(rng.integers(0, cells, updates))
+
+        def elements(em, index=index):
+            return em.op("ScatterElements", "data", em.const(index), "update", axis=0,
+                         reduction="add")
+
+        def nd(em, index=index):
+            return em.op("ScatterND", "data", em.const(index[:, None]), "update",
+                         reduction="add")
+
         feeds = {"data": np.zeros(cells, np.float32),
-                 "index": np.sort(rng.integers(0, cells, updates)),
                  "update": rng.standard_normal(updates).astype(np.float32)}
+        inputs = {"data": [cells], "update": [updates]}
         race(f"scatter-add of {updates} into {cells}",
-             {"ScatterElements (kept)": elements, "ScatterND": nd}, feeds, args.threads,
-             args.runs, exact=True)
+             {"ScatterElements (kept)": build(inputs, elements),
+              "ScatterND": build(inputs, nd)}, feeds, args)
 
 
 def chained_adds(graph):
@@ -284,8 +253,7 @@ def bench_sums(args):
              ONEHOT: onehot}
     race("GoogLeNet gradient graph (native builder)",
          {"n-ary Sums (kept)": graph, "chains of binary Adds": chained_adds(graph),
-          "sibling 1x1 adjoints merged": merged_pointwise_adjoints(graph)}, feeds, args.threads,
-         args.runs, exact=False)
+          "sibling 1x1 adjoints merged": merged_pointwise_adjoints(graph)}, feeds, args)
 
 
 def main(argv=None):

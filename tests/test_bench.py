@@ -73,20 +73,23 @@ def test_rejected_forms_agree_with_the_kept_ones():
 
 def test_rewritten_branch_sums_keep_the_sum():
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench_rejected_forms import FLOAT, chained_adds, merged_pointwise_adjoints, model, node
+    from bench_backward_forms import build
+    from bench_rejected_forms import chained_adds, merged_pointwise_adjoints
 
     from onnxattr.runtime import make_session
 
     rng = np.random.default_rng(0)
     channels = {"dy1": 4, "dy2": 8, "dy3": 3, "other": 5}
-    weights = {f"w{i}": rng.standard_normal((5, channels[f"dy{i}"], 1, 1)).astype(np.float32)
-               for i in (1, 2, 3)}
-    summed = model([node("Conv", ["dy1", "w1"], ["c1"], kernel_shape=[1, 1]),
-                    node("Conv", ["dy2", "w2"], ["c2"], kernel_shape=[1, 1]),
-                    node("Conv", ["dy3", "w3"], ["c3"], kernel_shape=[3, 3], pads=[1] * 4),
-                    node("Sum", ["c1", "other", "c2", "c3"], ["dx"])],
-                   {name: (FLOAT, [1, c, 6, 6]) for name, c in channels.items()},
-                   {**weights, "w3": rng.standard_normal((5, 3, 3, 3)).astype(np.float32)})
+    weights = {"w1": rng.standard_normal((5, 4, 1, 1)).astype(np.float32),
+               "w2": rng.standard_normal((5, 8, 1, 1)).astype(np.float32),
+               "w3": rng.standard_normal((5, 3, 3, 3)).astype(np.float32)}
+
+    def branches(em):
+        return em.op("Sum", em.op("Conv", "dy1", "w1", kernel_shape=[1, 1]), "other",
+                     em.op("Conv", "dy2", "w2", kernel_shape=[1, 1]),
+                     em.op("Conv", "dy3", "w3", kernel_shape=[3, 3], pads=[1] * 4))
+
+    summed = build({name: [1, c, 6, 6] for name, c in channels.items()}, branches, weights)
     feeds = {name: rng.standard_normal((1, c, 6, 6)).astype(np.float32)
              for name, c in channels.items()}
     expected = make_session(summed).run(None, feeds)[0]
