@@ -161,3 +161,35 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.network)
+
+
+@pytest.fixture(scope="session")
+def googlenet_float32(torch_reference, googlenet_path, photos):
+    """GoogLeNet's float32 error (tests/tolerance.py): float32 PyTorch of the same network
+    against float64, on every photo's top-1 class under each ReLU rule (vanilla, guided,
+    zeiler-fergus), the largest relative L2. Returns (error, {rule: (targets, float64
+    attributions)}) so that tests reuse the float64 references."""
+    import copy
+
+    import numpy as np
+    import torch
+    from test_relu_rules import relu_modules_rule, torch_attribution
+
+    from onnxattr.image import load_pixels
+
+    from tolerance import rel_l2
+
+    pixels = np.stack([load_pixels(p, (224, 224)) for p in photos])
+    with torch.no_grad():
+        targets = torch_reference(torch.from_numpy(pixels).double()).argmax(1).numpy()
+    errors, references = [], {}
+    for rule in ("vanilla", "guided", "zeiler-fergus"):
+        with relu_modules_rule(torch_reference, rule):
+            want = torch_attribution(torch_reference, pixels, targets)
+            got = torch_attribution(copy.deepcopy(torch_reference).float(), pixels, targets,
+                                    dtype=torch.float32)
+        errors += [rel_l2(g, w) for g, w in zip(got, want)]
+        references[rule] = (targets, want)
+    print(f"\nGoogLeNet float32 errors (PyTorch float32 vs float64, photos x rules): "
+          f"{' '.join(f'{e:.1e}' for e in errors)}")
+    return max(errors), references

@@ -21,16 +21,14 @@ from onnxattr.compile import compile_model
 from onnxattr.lowering import LOWERING_RULES, lower_graph
 from onnxattr.model import METHOD_KEY, SCORE_KEY, load_model
 
+from tolerance import float32_bound, rel_l2
+
 onnxruntime.set_default_logger_severity(3)
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_RULES = {"gradient": "vanilla", "guided-backprop": "guided",
                 "zeiler-fergus": "zeiler-fergus"}
 TOLERANCE = 1e-5  # relative L2, compiled model on stock onnxruntime vs the training build
-
-
-def rel_l2(got, want):
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 # --- 1. one rule at a time, against the training build's kernel ---------------------------------
@@ -312,11 +310,15 @@ def test_compiled_models_match_training_build_on_stock_onnxruntime(network, requ
             "prob" if score == "prob" else "logits", "attribution"]
         jobs.append((path, pixels, targets))
         wanted.append(trained.engine.gradient(pixels, targets, METHOD_RULES[method], score)[0])
+    # GoogLeNet on two runtime releases: its float32 error (tests/tolerance.py); the tiny
+    # residual network's spread is measured on one machine only (tests/README.md)
+    bound = (float32_bound([request.getfixturevalue("googlenet_float32")[0]])
+             if network == "googlenet" else TOLERANCE)
     for (method, score), got, want in zip(cases, run_stock(stock_python, tmp_path, jobs), wanted):
         errors = [rel_l2(g, w) for g, w in zip(got, want)]
         print(f"{network} {method} ({score}): relative L2 per row",
               " ".join(f"{e:.1e}" for e in errors))
-        assert max(errors) <= TOLERANCE, (method, score, errors)
+        assert max(errors) <= bound, (method, score, errors)
     guided = run_stock(stock_python, tmp_path, [jobs[1]])[0]
     assert rel_l2(guided, wanted[0]) > 0.1  # the rule is really compiled in
 
@@ -347,11 +349,15 @@ def test_integrated_gradients_through_compiled_model(googlenet):
         compile_model(path, "gradient")
 
 
-def test_runtime_only_install(googlenet, stock_python, tmp_path):
+def test_runtime_only_install(googlenet, torch_reference, googlenet_float32, stock_python,
+                              tmp_path):
     """onnxattr installed with stock onnxruntime and no training build (Python 3.13 where it is
     installed): an Explainer on a compiled guided-backprop model works, and a source model is
     explained through the native builder ("auto" says so once) with the training build's
-    result."""
+    label. Both maps are float32 from another runtime release (and the native one from another
+    forward graph), so each is checked against float64 torch at GoogLeNet's float32 error
+    (tests/tolerance.py): a fixed bound against the training build failed on a near-tied
+    MaxPool (5.6e-5)."""
     source, trained, folder, cache = googlenet
     path = folder / "runtime-guided.onnx"
     compile_model(source, "guided-backprop", "prob", path, cache_dir=cache)
@@ -382,8 +388,17 @@ def test_runtime_only_install(googlenet, stock_python, tmp_path):
     want = trained.explain(REPO / "samples" / "chelsea.png", "guided-backprop")
     assert label == want.label and native.startswith(want.label)
     assert "'native'" in native
-    assert rel_l2(np.load(tmp_path / "compiled.npy"), want.attribution) <= TOLERANCE
-    assert rel_l2(np.load(tmp_path / "native.npy"), want.attribution) <= TOLERANCE
+    pixels = trained.pixels([REPO / "samples" / "chelsea.png"])
+    from test_relu_rules import relu_modules_rule, torch_attribution
+
+    with relu_modules_rule(torch_reference, "guided"):
+        reference = torch_attribution(torch_reference, pixels, [want.class_index])[0]
+    bound = float32_bound([googlenet_float32[0]])
+    for name in ("compiled", "native"):
+        error = rel_l2(np.load(tmp_path / f"{name}.npy"), reference)
+        print(f"{name}: relative L2 against float64 torch {error:.1e} (bound {bound:.1e})")
+        assert error <= bound
+    assert rel_l2(np.load(tmp_path / "native.npy"), want.attribution) <= bound
 
 
 def test_compile_command(googlenet, tmp_path):
