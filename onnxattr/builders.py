@@ -16,11 +16,13 @@ as one "note:" line on stderr).
 
 import functools
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 
 from ._version import __version__
 from .autodiff import build_native_gradient
@@ -76,31 +78,60 @@ def code_digest():
 
 class GraphCache:
     """Built graphs on disk, keyed by the source model's content, the build options (the
-    builder among them) and the code that builds them (code_digest)."""
+    builder among them) and the code that builds them (code_digest).
+
+    An entry is one file, <32 hex digits of the key's sha256>.graph, written atomically: a line
+    of JSON {"key": the full key, "sha256": the digest of the rest}, then the serialized graph.
+    It is used only when it states this key and its bytes have that digest: anything else
+    (empty, truncated, changed, another key's entry copied over, unreadable) is rebuilt and
+    overwritten. An entry that cannot be written (the cache is read-only, a file, or a
+    directory stands at the entry's path) is a note: the graph is rebuilt on each run."""
 
     def __init__(self, directory=None):
         self.directory = Path(directory) if directory else default_cache_dir()
 
+    @staticmethod
+    def key(model_digest, **options):
+        return "|".join([model_digest, code_digest(),
+                         *(f"{k}={options[k]}" for k in sorted(options))])
+
     def path(self, model_digest, **options):
-        key = "|".join([model_digest, code_digest(),
-                        *(f"{k}={options[k]}" for k in sorted(options))])
-        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+        key = self.key(model_digest, **options)
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.graph"
 
     def get_or_build(self, build, model_digest, **options):
-        """Load the graph for this key, or `build()` it and store it (atomically)."""
-        path = self.path(model_digest, **options)
-        if path.exists():
-            try:
-                return onnx.load(path)
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                path.unlink(missing_ok=True)
-        graph = build()
-        try:
-            with atomic_path(path) as tmp:
-                onnx.save(graph, tmp)
-        except (OSError, ValueError):
-            pass  # an unwritable cache (or a graph over 2 GB) only costs a rebuild next time
+        """The graph for this key from its entry, or `build()` it and store it."""
+        key, path = self.key(model_digest, **options), self.path(model_digest, **options)
+        graph = _read_entry(path, key)
+        if graph is None:
+            graph = build()
+            _write_entry(path, key, graph)
         return graph
+
+
+def _read_entry(path, key):
+    """The graph in the cache entry at `path` if it is `key`'s and intact, else None."""
+    if not path.is_file():  # missing, or a directory or FIFO: never opened
+        return None
+    try:
+        header, _, body = path.read_bytes().partition(b"\n")
+        if json.loads(header) == {"key": key, "sha256": hashlib.sha256(body).hexdigest()}:
+            return onnx.load_from_string(body)
+    except (OSError, ValueError, DecodeError):  # unreadable, or not JSON
+        pass
+    return None
+
+
+def _write_entry(path, key, graph):
+    try:
+        body = graph.SerializeToString()
+        header = json.dumps({"key": key, "sha256": hashlib.sha256(body).hexdigest()})
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(header.encode() + b"\n" + body)
+    except (OSError, ValueError) as err:  # an unwritable cache, or a graph over 2 GB
+        reason = getattr(err, "strerror", None) or err
+        warnings.warn(f"cannot write the graph cache entry {path} ({reason}); graphs are "
+                      "rebuilt on each run", OnnxAttrNote, stacklevel=4)
 
 
 class MemoryCache:

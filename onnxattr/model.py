@@ -5,8 +5,10 @@ Models are read with their external data files (resolved against the model's own
 whatever the working directory), so a model saved with weights beside it loads everywhere.
 """
 
+import functools
 import hashlib
 import json
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +24,12 @@ CONTRACT_KEY = "onnxattr.input"
 METHOD_KEY = "onnxattr.method"
 SCORE_KEY = "onnxattr.score"
 PIXEL_RANGE = (0.0, 255.0)  # what every onnxattr graph takes: RGB pixel values 0..255
+# The largest image input onnxattr reads, in pixels (H * W): 8192 x 8192. A run holds the image
+# and its gradient many times over (float64 copies to render, batches of integrated gradients'
+# path images, the network's activations), well over 100 bytes a pixel, so 2**26 pixels is
+# already many GiB: a size beyond it is a broken export, refused at load rather than failing
+# for memory in the middle of a run.
+MAX_PIXELS = 2 ** 26
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,9 @@ def load_model(path):
         raise OnnxAttrError(f"model file not found: {path}")
     if path.is_dir():
         raise OnnxAttrError(f"model path is a directory, not an ONNX file: {path}")
+    if not path.is_file():
+        raise OnnxAttrError(f"model path is not a regular file ({_kind(path.stat().st_mode)}): "
+                            f"{path}")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -179,30 +190,73 @@ def load_model(path):
     if not proto.graph.node:
         raise OnnxAttrError(f"{path} is not an ONNX model (no graph nodes)")
     digest = hashlib.sha256(data)
-    for location in _external_files(proto):
-        file = path.parent / location
+    for file, extents in _external_data(path, proto).items():
         try:
-            digest.update(file.read_bytes())
+            with open(file, "rb") as stream:
+                for chunk in iter(functools.partial(stream.read, 1 << 24), b""):
+                    digest.update(chunk)
+                for tensor, offset, length in extents:
+                    stream.seek(offset)
+                    tensor.raw_data = stream.read(length)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
         except OSError as err:
             raise OnnxAttrError(f"{path}: cannot read its external data file {file} "
-                                f"({err.strerror or err}); keep it beside the model") from None
-    if _external_files(proto):
-        try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except Exception as err:  # onnx raises several types for a damaged data file
-            raise OnnxAttrError(f"{path}: its external data cannot be read ({err})") from None
+                                f"({err.strerror or err})") from None
     return describe_model(proto, digest.hexdigest(), str(path))
 
 
-def _external_files(proto):
-    """The external data file names the model's tensors refer to."""
-    files = []
+def _external_data(path, proto):
+    """{file: [(tensor, offset, length)]} for the tensors of `proto` whose data is in external
+    files, checked before a byte of them is read: each file is a regular file (not a FIFO that
+    blocks, not a device that never ends) inside the model's folder once symlinks are resolved
+    (the folder `path` is in, or the one it lives in when `path` is a symlink, as in a Hugging
+    Face cache), and long enough for every tensor's offset + length."""
+    roots = {path.parent.resolve(), path.resolve().parent}
+    files, sizes = {}, {}
     for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tensor.external_data}
-            if info.get("location") and info["location"] not in files:
-                files.append(info["location"])
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if location not in sizes:
+            sizes[location] = _data_file(path, roots, location)
+        file, size = sizes[location]
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise OnnxAttrError(f"{path}: tensor {tensor.name} has a bad external data offset "
+                                f"or length {info}") from None
+        if min(offset, length) < 0 or offset + length > size:
+            raise OnnxAttrError(f"{path}: external data file {location!r} has {size} bytes, "
+                                f"but tensor {tensor.name} needs bytes {offset}..{offset + length}"
+                                " (truncated, or another model's data)")
+        files.setdefault(file, []).append((tensor, offset, length))
     return files
+
+
+def _data_file(path, roots, location):
+    """The resolved path and size of an external data file, checked without opening it."""
+    where = f"{path}: external data file {location!r}"
+    try:
+        file = (path.parent / location).resolve()
+        if Path(location).is_absolute() or not any(file.is_relative_to(r) for r in roots):
+            raise OnnxAttrError(f"{where} is outside the model's folder {path.parent}: "
+                                "onnxattr reads data files beside the model only")
+        info = file.stat()  # stat opens nothing: a FIFO or device is never read
+    except (OSError, RuntimeError, ValueError) as err:  # missing, a symlink loop, a NUL byte
+        raise OnnxAttrError(f"{path}: cannot read its external data file {path.parent / location}"
+                            f" ({getattr(err, 'strerror', None) or err}); keep it beside the "
+                            "model") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxAttrError(f"{where} is not a regular file ({_kind(info.st_mode)})")
+    return file, info.st_size
+
+
+def _kind(mode):
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other")
 
 
 def _tensors(graph):
@@ -257,6 +311,7 @@ def _describe_compiled(proto, digest, name, metadata):
     num_classes = _dims(outputs[class_output])[1]
     if not all(isinstance(d, int) and d > 0 for d in (channels, height, width, num_classes)):
         raise OnnxAttrError(f"{name}: compiled model without fixed C, H, W and class count")
+    _check_size(name, inputs["image"])
     score = metadata.get(SCORE_KEY, "prob")
     return ClassifierModel(proto, digest, "image", channels, height, width, num_classes,
                            "prob" if class_output == "prob" else None,
@@ -264,7 +319,7 @@ def _describe_compiled(proto, digest, name, metadata):
                            _labels(metadata, num_classes, name),
                            pixel_contract(_stated_contract(metadata, name)), metadata,
                            {"method": metadata[METHOD_KEY], "score": score},
-                           batch if isinstance(batch, int) and batch > 0 else None)
+                           batch if isinstance(batch, int) else None)
 
 
 def _dims(value_info):
@@ -297,8 +352,19 @@ def _image_input(graph, name):
                 "channels-first [N, C, H, W] (re-export the model with NCHW input)"
                 if looks_nhwc else "; only RGB models (3 channels) are supported")
         raise OnnxAttrError(f"{name}: image input {image.name} has {channels} channels{hint}")
-    return image.name, channels, height, width, batch if isinstance(batch, int) and batch > 0 \
-        else None
+    _check_size(name, image)
+    return image.name, channels, height, width, batch if isinstance(batch, int) else None
+
+
+def _check_size(name, image):
+    """Refuse an image input [N, C, H, W] (C, H, W known positive) of a size no run can have."""
+    batch, _, height, width = _dims(image)
+    if height * width > MAX_PIXELS:
+        raise OnnxAttrError(f"{name}: image input {image.name} is {height}x{width} pixels: more "
+                            f"than onnxattr's limit of {MAX_PIXELS} (8192x8192)")
+    if isinstance(batch, int) and batch < 1:
+        raise OnnxAttrError(f"{name}: image input {image.name} declares a batch of {batch}: no "
+                            "image fits (export it with batch 1, or a free batch dimension)")
 
 
 def _float16_hint(inputs):

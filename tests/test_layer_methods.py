@@ -291,7 +291,7 @@ def test_a_named_layer_is_used_and_cached_by_name(odd_model, tmp_path, builder):
     named = explainer.explain(PHOTO, method="grad-cam", layer="r1")
     assert (default.layer, default.cam.shape) == ("r2", (5, 4))
     assert (named.layer, named.cam.shape) == ("r1", (9, 7))
-    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 2  # one graph per layer
+    assert len(list((tmp_path / "cache").glob("*.graph"))) == 2  # one graph per layer
 
 
 def test_cli_method_flags_reach_only_their_methods():

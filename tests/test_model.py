@@ -2,6 +2,8 @@
 assumed pixel contract, shared (deduplicated) weights, and models onnxattr cannot read, which
 get one line that says why."""
 
+import builtins
+import io
 import json
 import os
 
@@ -79,6 +81,117 @@ def test_external_data_counts_in_the_cache_key(tmp_path):
                   save_as_external_data=True, location="w", size_threshold=0)
         digests.append(load_model(folder / "m.onnx").digest)
     assert digests[0] != digests[1]
+
+
+def external_model(folder, location="m.weights"):
+    """A small classifier saved in `folder` as m.onnx with its weights in m.weights, then
+    pointed at `location` for them."""
+    folder.mkdir(exist_ok=True)
+    onnx.save(labelled(small_models.conv_relu_maxpool_lrn()), folder / "m.onnx",
+              save_as_external_data=True, location="m.weights", size_threshold=0)
+    relocate(folder / "m.onnx", location)
+    return folder / "m.onnx"
+
+
+def relocate(path, location):
+    """Point the external data of the model at `path` to `location`."""
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(location)
+    onnx.save(model, path)
+
+
+def refused(path, problem):
+    """load_model refuses `path` with one line matching `problem` (in 10 s: a FIFO that is
+    opened blocks forever)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(load_model, path)
+        try:
+            error = future.exception(timeout=10)
+        except concurrent.futures.TimeoutError:
+            os.close(os.open(path.parent / "pipe", os.O_WRONLY | os.O_NONBLOCK))  # unblock it
+            raise AssertionError(f"load_model({path}) hangs") from None
+    assert isinstance(error, OnnxAttrError), error
+    assert "\n" not in str(error) and str(path) in str(error), error
+    assert __import__("re").search(problem, str(error)), error
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink", "/dev/zero",
+                                   "symlink to /dev/zero", "fifo", "directory", "empty"])
+def test_external_data_is_checked_before_it_is_read(tmp_path, monkeypatch, where):
+    """Only regular files inside the model's folder are read: not /etc/passwd, not /dev/zero
+    (which never ends), not a FIFO (which blocks forever), not a file a symlink leads out to."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.zeros(1000, np.float32).tobytes())
+    folder = tmp_path / "models"
+    location, problem = {
+        "absolute": (outside, "outside the model's folder"),
+        "parent": ("../outside.bin", "outside the model's folder"),
+        "symlink": ("link.bin", "outside the model's folder"),
+        "/dev/zero": ("/dev/zero", "outside the model's folder"),
+        "symlink to /dev/zero": ("zero.bin", "outside the model's folder"),
+        "fifo": ("pipe", "not a regular file"),
+        "directory": ("sub", "not a regular file"),
+        "empty": ("", "not a regular file"),
+    }[where]
+    path = external_model(folder, location)
+    (folder / "link.bin").symlink_to(outside)
+    (folder / "zero.bin").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe")
+    (folder / "sub").mkdir()
+    opened = []
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+    real_open = io.open
+    monkeypatch.setattr(io, "open", spy)  # (pathlib's)
+    monkeypatch.setattr(builtins, "open", spy)
+    refused(path, f"external data file '{location}' .*{problem}")
+    assert opened == [str(path)]
+
+
+def test_external_data_is_checked_against_every_tensor_offset_and_length(tmp_path):
+    path = external_model(tmp_path / "models")
+    weights = path.parent / "m.weights"
+    weights.write_bytes(weights.read_bytes()[:-10])  # the last tensor runs past the end
+    refused(path, r"'m.weights' .*\d+ bytes.* tensor head_b needs bytes \d+\.\.\d+")
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    path = external_model(tmp_path / "models")
+    want = load_model(small_models.save(labelled(small_models.conv_relu_maxpool_lrn()),
+                                        tmp_path / "inline.onnx")).proto.graph.initializer
+    (path.parent / "sub").mkdir()
+    (path.parent / "m.weights").rename(path.parent / "sub" / "w")
+    (path.parent / "link").symlink_to("sub/w")  # a symlink that stays inside is followed
+    for location in ("sub/w", "link", "./sub/../link"):
+        relocate(path, location)
+        got = load_model(path).proto.graph.initializer
+        assert [t.name for t in got] == [t.name for t in want]
+        for g, w in zip(got, want):
+            assert not g.external_data
+            np.testing.assert_array_equal(numpy_helper.to_array(g), numpy_helper.to_array(w))
+
+
+def test_symlinked_model_reads_data_beside_its_real_file(tmp_path):
+    """A Hugging Face cache: snapshots/<rev>/m.onnx and m.weights are symlinks into blobs/."""
+    blobs = tmp_path / "blobs"
+    external_model(blobs)
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    for name in ("m.onnx", "m.weights"):
+        (snapshot / name).symlink_to(f"../../blobs/{name}")
+    assert load_model(snapshot / "m.onnx").digest == load_model(blobs / "m.onnx").digest
+
+
+def test_model_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    refused(tmp_path / "pipe", "not a regular file")
 
 
 # --- a fixed batch size ----------------------------------------------------------------------------
@@ -236,6 +349,21 @@ def test_batchnorm_parameters_through_identity(tmp_path, builder):
 def test_unreadable_inputs_say_why(tmp_path, elem_type, shape, problem):
     model = small_models.conv_relu_maxpool_lrn()
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", elem_type, shape))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(OnnxAttrError) as error:
+        load_model(path)
+    assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("shape, problem", [
+    ([1, 3, 1000000, 1000000], "1000000x1000000 pixels: more than onnxattr's limit of 67108864"),
+    ([0, 3, 8, 8], "declares a batch of 0"),
+])
+def test_absurd_input_sizes_are_refused_at_load(tmp_path, shape, problem):
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                shape))
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     with pytest.raises(OnnxAttrError) as error:
