@@ -35,7 +35,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 SUMMARY_VERSION = 1
 TOP = 5
 DELTA_KEYS = ("convergence_delta", "relative_convergence_delta")
-TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns written as they are
+TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns of text
+# A CSV text cell starting so is a formula to a spreadsheet: it gets a leading quote (OWASP, "CSV
+# Injection")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def parse_methods(text):
@@ -283,19 +286,26 @@ def csv_rows(summary):
     for e in summary["images"]:
         predicted, target = e.get("predicted") or {}, e.get("target") or {}
         top = "; ".join(f"{t['label']} ({t['index']}) {t['prob']:.4f}" for t in e.get("top5", []))
-        row = [e["file"], e["status"], e.get("error") or "", predicted.get("index", ""),
-               predicted.get("label", ""), _fmt(predicted.get("prob")), top,
-               target.get("index", ""), target.get("label", ""), _fmt(target.get("score"))]
+        row = [_text(e["file"]), _text(e["status"]), _text(e.get("error")),
+               predicted.get("index", ""), _text(predicted.get("label")),
+               _fmt(predicted.get("prob")), _text(top), target.get("index", ""),
+               _text(target.get("label")), _fmt(target.get("score"))]
         for m in methods:
             record = e.get("methods", {}).get(m, {})
-            row += [_fmt(record.get(column)) if column not in TEXT_COLUMNS
-                    else record.get(column) or "" for column in columns[m]]
+            row += [_text(record.get(column)) if column in TEXT_COLUMNS
+                    else _fmt(record.get(column)) for column in columns[m]]
         rows.append(row)
     return rows
 
 
 def _fmt(value):
     return "" if value is None else f"{value:.6g}"
+
+
+def _text(value):
+    """A text cell: "" for None, a leading quote where a spreadsheet would see a formula."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 # --- the HTML page ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from onnxattr import Explainer, render
 from onnxattr.cli import main
 from onnxattr.figures import RenderOptions
 from onnxattr.files import LOCK_NAME, TEMPORARY_NAME, atomic_path
-from onnxattr.report import collect_inputs, image_key, run_audit
+from onnxattr.report import collect_inputs, csv_rows, image_key, run_audit
 
 from small_models import random_photo
 
@@ -389,6 +389,43 @@ def test_full_disk_is_one_line_and_keeps_what_was_written(small_classifier, monk
     assert np.load(first / "gradient.npy").ndim == 3
     assert not any(TEMPORARY_NAME.fullmatch(p.name) for p in out.rglob("*"))
     assert not (out / image_key(photos / "p2.png")).exists()  # stopped at the full disk
+
+
+def test_csv_cells_cannot_be_formulas(small_classifier, monkeypatch):
+    tmp_path, model, _ = small_classifier
+    photos = tmp_path / "photos"
+    for i, name in enumerate(["=1+2.png", "@SUM(1+1).png", "+1.png"]):
+        random_photo(photos / name, seed=i)
+    (photos / "-x.png").write_text("not an image")
+    monkeypatch.chdir(photos)
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    run_audit(explainer, ["."], ["gradient"], tmp_path / "out")
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["file"] for r in rows] == ["'+1.png", "'-x.png", "'=1+2.png", "'@SUM(1+1).png"]
+    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("'-x.png: ")
+    assert float(rows[0]["score"]) > 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"][2]["file"] == \
+        "=1+2.png"  # the JSON keeps the names as they are
+
+
+def test_csv_neutralises_text_not_numbers():
+    summary = {"methods": ["integrated-gradients", "grad-cam"], "images": [{
+        "file": "\tx.png", "status": "done", "error": "\r=cmd", "top5": [],
+        "predicted": {"index": 1, "label": "-dash", "prob": 0.5},
+        "target": {"index": 1, "label": "-dash", "score": -0.25},
+        "methods": {"integrated-gradients": {"time_s": 0.5, "convergence_delta": -0.5,
+                                             "relative_convergence_delta": -1e-7,
+                                             "error": "@err"},
+                    "grad-cam": {"time_s": 1.0, "layer": "+conv", "error": None}}}]}
+    header, row = csv_rows(summary)
+    cells = dict(zip(header, row))
+    assert cells["file"] == "'\tx.png" and cells["error"] == "'\r=cmd"
+    assert cells["predicted_label"] == cells["target_label"] == "'-dash"
+    assert cells["integrated-gradients_error"] == "'@err" and cells["grad-cam_layer"] == "'+conv"
+    assert cells["target_score"] == "-0.25"
+    assert cells["integrated-gradients_convergence_delta"] == "-0.5"
+    assert cells["integrated-gradients_relative_convergence_delta"] == "-1e-07"
 
 
 # --- the audit on GoogLeNet: summary, exit code, resume, the page in Chromium ------------------
