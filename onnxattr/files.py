@@ -1,29 +1,94 @@
-"""Writing output files so that an interrupted run never leaves a half-written one."""
+"""Writing output files so that an interrupted run never leaves a half-written one, and one
+writer per output folder."""
 
 import contextlib
+import fcntl
 import os
-import tempfile
+import re
+import secrets
+import string
 from pathlib import Path
+
+from .errors import OnnxAttrError
+
+# atomic_path's temporary for "<folder>/<stem><suffix>" (the one definition: atomic_path names
+# its temporaries with it, remove_temporaries finds a killed run's leftovers with it)
+_TEMPORARY = ".{stem}.{token}.tmp{suffix}"
+_TEMPORARY_FIELDS = {"stem": ".*", "token": "[0-9a-f]{8}", "suffix": r"(\.[^.]*)?"}
+TEMPORARY_NAME = re.compile("".join(
+    re.escape(text) + (_TEMPORARY_FIELDS[field] if field else "")
+    for text, field, _, _ in string.Formatter().parse(_TEMPORARY)), re.S)
+LOCK_NAME = ".onnxattr.lock"  # the lock file of folder_lock
+
+
+class WriteError(OSError):
+    """Writing `path` failed (a full disk, a read-only folder...): the message names the file."""
+
+    def __init__(self, path, cause, doing="write"):
+        super().__init__(f"cannot {doing} {path}: {cause.strerror or cause}")
+        self.path = Path(path)
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    An OSError (writing, renaming) is raised as a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temporary(path)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err) from err
         raise
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_temporary(path):
+    """Create an empty temporary for `path` (permissions as the umask says) and return it."""
+    while True:
+        tmp = path.with_name(_TEMPORARY.format(stem=path.stem, token=secrets.token_hex(4),
+                                               suffix=path.suffix))
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # a name taken: draw another
+            continue
+
+
+def remove_temporaries(folder):
+    """Remove atomic_path's temporaries left under `folder` by a killed run (hold its lock)."""
+    for path in Path(folder).rglob("*"):
+        if TEMPORARY_NAME.fullmatch(path.name) and path.is_file():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise WriteError(path, err, "remove") from err
+
+
+@contextlib.contextmanager
+def folder_lock(folder, busy):
+    """Hold `folder`'s lock (creating the folder) for the block, or raise OnnxAttrError(`busy`)
+    if another process holds it. The lock is an flock on `folder/LOCK_NAME`: it goes with the
+    process, so a killed run never leaves a stale one."""
+    lock = Path(folder) / LOCK_NAME
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise WriteError(lock, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OnnxAttrError(busy) from None
+        yield
+    finally:
+        os.close(fd)

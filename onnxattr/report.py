@@ -9,7 +9,9 @@ where `<key>` is the file's stem plus a short hash of its absolute path (so `a/c
 `b/cat.png` do not collide, and a resumed run finds the same folder). `<out>/summary.json`,
 `summary.csv` and `index.html` are rewritten (atomically) after each image, so an interrupted run
 keeps what was done. A file that cannot be read or explained is recorded as failed with its
-error and the batch goes on.
+error and the batch goes on; a file that cannot be written (a full disk) stops the audit with one
+error, keeping what was written. One audit at a time writes into an output folder (files.py's
+folder_lock); it starts by removing the temporaries a killed run left there.
 """
 
 import csv
@@ -25,7 +27,7 @@ from urllib.parse import quote
 from ._version import __version__
 from .errors import OnnxAttrError
 from .figures import RenderOptions, write_figures
-from .files import atomic_path
+from .files import WriteError, atomic_path, folder_lock, remove_temporaries
 from .image import load_image
 from .methods import METHODS, get_method
 
@@ -33,7 +35,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 SUMMARY_VERSION = 1
 TOP = 5
 DELTA_KEYS = ("convergence_delta", "relative_convergence_delta")
-TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns written as they are
+TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns of text
+# A CSV text cell starting so is a formula to a spreadsheet: it gets a leading quote (OWASP, "CSV
+# Injection")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def parse_methods(text):
@@ -98,6 +103,7 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     as methods finish (for a progress bar). `method_options`: {method: keyword options of
     Explainer.explain} (e.g. integrated gradients' steps). Returns the summary dict, also written to
     `out_dir/summary.json`; `summary["counts"]` has how many images are done, failed, skipped.
+    OnnxAttrError if another audit is writing into `out_dir` or a file cannot be written.
     """
     out_dir = Path(out_dir)
     methods = list(dict.fromkeys(methods))
@@ -111,25 +117,42 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     settings = {"model_sha256": explainer.classifier.digest, "fit": explainer.fit, "score": score,
                 "target": target_index, "render": options.as_dict(), "onnxattr": __version__,
                 "method_options": method_options or {}}
-    previous = _previous_entries(out_dir) if resume else {}
     advance = advance or (lambda n: None)
     summary = {"version": SUMMARY_VERSION, "methods": methods, "settings": settings,
                "counts": {}, "images": []}
-    skipped = 0
-    for path in files:
-        key = image_key(path)
-        old = previous.get(key)
-        if old is not None and _reusable(old, settings, methods, out_dir):
-            entry = dict(old, file=str(path))
-            skipped += 1
-            advance(len(methods))
-        else:
-            entry = audit_image(explainer, path, key, methods, out_dir, options, target_index,
-                                score, settings, advance, method_options or {})
-        summary["images"].append(entry)
-        summary["counts"] = _counts(summary["images"], skipped)
-        write_summary(out_dir, summary)
+    skipped = kept = 0
+    busy = (f"another onnxattr audit is writing into {out_dir}: wait for it to end or choose "
+            "another output folder")
+    try:
+        with folder_lock(out_dir, busy):
+            remove_temporaries(out_dir)
+            previous = _previous_entries(out_dir) if resume else {}
+            for path in files:
+                key = image_key(path)
+                old = previous.get(key)
+                if old is not None and _reusable(old, settings, methods, out_dir):
+                    entry = dict(old, file=str(path))
+                    skipped += 1
+                    advance(len(methods))
+                else:
+                    entry = audit_image(explainer, path, key, methods, out_dir, options,
+                                        target_index, score, settings, advance,
+                                        method_options or {})
+                summary["images"].append(entry)
+                summary["counts"] = _counts(summary["images"], skipped)
+                write_summary(out_dir, summary)
+                kept = summary["counts"]["done"]
+    except WriteError as err:
+        raise OnnxAttrError(f"{err}; {_kept(kept)}") from err
     return summary
+
+
+def _kept(done):
+    """What an audit stopped by a write error keeps, given the done images its summary lists."""
+    if not done:
+        return "no image was written"
+    return "the 1 image already written is kept" if done == 1 else \
+        f"the {done} images already written are kept"
 
 
 def audit_image(explainer, path, key, methods, out_dir, options, target_index, score, settings,
@@ -168,7 +191,9 @@ def audit_image(explainer, path, key, methods, out_dir, options, target_index, s
         try:
             written = write_figures(results, f"{out_dir / key}/", options, save_raw=True,
                                     panel=True)
-        except Exception as err:  # noqa: BLE001 - e.g. a full disk: this image fails, go on
+        except WriteError:  # a full disk: every image would fail, so the audit stops
+            raise
+        except Exception as err:  # noqa: BLE001 - this image fails, the batch goes on
             errors.append(f"figures: {_message(err)}")
         else:
             rel = {name: path.relative_to(out_dir).as_posix() for name, path in written.items()}
@@ -261,19 +286,26 @@ def csv_rows(summary):
     for e in summary["images"]:
         predicted, target = e.get("predicted") or {}, e.get("target") or {}
         top = "; ".join(f"{t['label']} ({t['index']}) {t['prob']:.4f}" for t in e.get("top5", []))
-        row = [e["file"], e["status"], e.get("error") or "", predicted.get("index", ""),
-               predicted.get("label", ""), _fmt(predicted.get("prob")), top,
-               target.get("index", ""), target.get("label", ""), _fmt(target.get("score"))]
+        row = [_text(e["file"]), _text(e["status"]), _text(e.get("error")),
+               predicted.get("index", ""), _text(predicted.get("label")),
+               _fmt(predicted.get("prob")), _text(top), target.get("index", ""),
+               _text(target.get("label")), _fmt(target.get("score"))]
         for m in methods:
             record = e.get("methods", {}).get(m, {})
-            row += [_fmt(record.get(column)) if column not in TEXT_COLUMNS
-                    else record.get(column) or "" for column in columns[m]]
+            row += [_text(record.get(column)) if column in TEXT_COLUMNS
+                    else _fmt(record.get(column)) for column in columns[m]]
         rows.append(row)
     return rows
 
 
 def _fmt(value):
     return "" if value is None else f"{value:.6g}"
+
+
+def _text(value):
+    """A text cell: "" for None, a leading quote where a spreadsheet would see a formula."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 # --- the HTML page ----------------------------------------------------------------------------

@@ -6,12 +6,15 @@ and its page is opened in headless Chromium (skipped only when no Chromium is in
 """
 
 import csv
+import errno
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,8 @@ from test_cli import run_cli
 from onnxattr import Explainer, render
 from onnxattr.cli import main
 from onnxattr.figures import RenderOptions
-from onnxattr.report import collect_inputs, image_key, run_audit
+from onnxattr.files import LOCK_NAME, TEMPORARY_NAME, atomic_path
+from onnxattr.report import collect_inputs, csv_rows, image_key, run_audit
 
 from small_models import random_photo
 
@@ -231,7 +235,7 @@ def test_interrupted_audit_keeps_the_summary_of_what_was_done(small_classifier, 
         run_audit(explainer, [photos], ["gradient"], tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [e["status"] for e in summary["images"]] == ["done"]
-    leftovers = [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(".")]
+    leftovers = [p for p in (tmp_path / "out").rglob("*") if TEMPORARY_NAME.fullmatch(p.name)]
     assert leftovers == []  # no temporary (half-written) file left behind
     monkeypatch.setattr(explainer, "explain", real_explain)
     count.clear()
@@ -262,6 +266,166 @@ def test_audit_passes_method_flags_to_the_methods_that_take_them(small_classifie
     code, _, err = run_cli(monkeypatch, capsys, "audit", photo, "--model", model, "--out", out,
                            "--methods", "gradient", "--steps", "3")
     assert code == 1 and "--steps does not apply to gradient" in err
+
+
+def files_in(folder):
+    """{relative path: (bytes, mtime)} of every file under `folder`."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Another process holding the output folder's lock, as a second audit would.
+HOLD_LOCK = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_audit_at_a_time_per_output_folder(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    out = tmp_path / "out"
+    audit = ("audit", photo, "--model", model, "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, *audit)
+    assert code == 0, err
+    before = files_in(out)
+    with subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK_NAME)],
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "held\n"
+            code, _, err = run_cli(monkeypatch, capsys, *audit, "--resume")
+            assert code == 1
+            lines = error_lines(err)
+            assert len(lines) == 1 and "Traceback" not in err, err
+            assert lines[0].startswith("error: another") and str(out) in lines[0]
+            assert files_in(out) == before  # the second run wrote nothing
+        finally:
+            holder.kill()  # kill -9: the lock goes with the process, nothing stale stays
+    code, _, err = run_cli(monkeypatch, capsys, *audit, "--resume")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_audit_removes_temporaries_of_a_killed_run(small_classifier, resume):
+    tmp_path, model, photo = small_classifier
+    out = tmp_path / "out"
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    folder = out / run_audit(explainer, [photo], ["gradient"], out)["images"][0]["key"]
+    # a run killed (kill -9) inside atomic_path's block never removes its temporary
+    pending = [atomic_path(path) for path in (out / "summary.json", folder / "panel.png",
+                                              folder / "gradient.npy", out / "other" / "x.png")]
+    leftovers = [writing.__enter__() for writing in pending]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    assert all(TEMPORARY_NAME.fullmatch(path.name) for path in leftovers)
+    others = [out / ".notes.txt", folder / "panel.0123abcd.tmp.png", out / ".x.png"]
+    for path in others:
+        path.write_bytes(b"not ours")
+    summary = run_audit(explainer, [photo], ["gradient"], out, resume=resume)
+    assert summary["counts"]["done"] == 1 and summary["counts"]["skipped"] == int(resume)
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.read_bytes() == b"not ours" for path in others)
+    assert (folder / "panel.png").is_file() and (out / "summary.json").is_file()
+    del pending
+
+
+def test_atomic_path_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "new" / "x.png") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "x.png").stat().st_mode & 0o777 == 0o640
+
+
+def fail_on(monkeypatch, module, name, call, error, when=lambda *args: True):
+    """Make `module.name` raise `error` on its `call`-th call (1-based) among those `when`
+    accepts."""
+    real, calls = getattr(module, name), []
+
+    def failing(*args, **kwargs):
+        if when(*args):
+            calls.append(args)
+            if len(calls) == call:
+                raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing, error, reason", [
+    ("npy", ENOSPC, "No space left on device"),
+    ("npy", OSError("150528 requested and 116704 written"), "150528 requested and 116704 written"),
+    ("summary", OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), os.strerror(errno.EDQUOT)),
+])
+def test_full_disk_is_one_line_and_keeps_what_was_written(small_classifier, monkeypatch, capsys,
+                                                          failing, error, reason):
+    tmp_path, model, _ = small_classifier
+    photos = tmp_path / "photos"
+    for i in range(3):
+        random_photo(photos / f"p{i}.png", seed=i)
+    out = tmp_path / "out"
+    # the second image's raw map (np.save), or the summary.json written after it (its rename)
+    if failing == "npy":
+        fail_on(monkeypatch, np, "save", 2, error)
+    else:
+        fail_on(monkeypatch, os, "replace", 2, error, when=lambda src, dst: Path(dst).name == "summary.json")
+    second = out / image_key(photos / "p1.png")
+    target = second / "gradient.npy" if failing == "npy" else out / "summary.json"
+    code, _, err = run_cli(monkeypatch, capsys, "audit", photos, "--model", model, "--out", out)
+    assert code == 1
+    lines = error_lines(err)
+    assert lines == [f"error: cannot write {target}: {reason}; the 1 image already written is "
+                     "kept"], err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["key"] for e in summary["images"]] == [image_key(photos / "p0.png")]
+    assert summary["images"][0]["status"] == "done"
+    first = out / summary["images"][0]["key"]
+    assert np.load(first / "gradient.npy").ndim == 3
+    assert not any(TEMPORARY_NAME.fullmatch(p.name) for p in out.rglob("*"))
+    assert not (out / image_key(photos / "p2.png")).exists()  # stopped at the full disk
+
+
+def test_csv_cells_cannot_be_formulas(small_classifier, monkeypatch):
+    tmp_path, model, _ = small_classifier
+    photos = tmp_path / "photos"
+    for i, name in enumerate(["=1+2.png", "@SUM(1+1).png", "+1.png"]):
+        random_photo(photos / name, seed=i)
+    (photos / "-x.png").write_text("not an image")
+    monkeypatch.chdir(photos)
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    run_audit(explainer, ["."], ["gradient"], tmp_path / "out")
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["file"] for r in rows] == ["'+1.png", "'-x.png", "'=1+2.png", "'@SUM(1+1).png"]
+    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("'-x.png: ")
+    assert float(rows[0]["score"]) > 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"][2]["file"] == \
+        "=1+2.png"  # the JSON keeps the names as they are
+
+
+def test_csv_neutralises_text_not_numbers():
+    summary = {"methods": ["integrated-gradients", "grad-cam"], "images": [{
+        "file": "\tx.png", "status": "done", "error": "\r=cmd", "top5": [],
+        "predicted": {"index": 1, "label": "-dash", "prob": 0.5},
+        "target": {"index": 1, "label": "-dash", "score": -0.25},
+        "methods": {"integrated-gradients": {"time_s": 0.5, "convergence_delta": -0.5,
+                                             "relative_convergence_delta": -1e-7,
+                                             "error": "@err"},
+                    "grad-cam": {"time_s": 1.0, "layer": "+conv", "error": None}}}]}
+    header, row = csv_rows(summary)
+    cells = dict(zip(header, row))
+    assert cells["file"] == "'\tx.png" and cells["error"] == "'\r=cmd"
+    assert cells["predicted_label"] == cells["target_label"] == "'-dash"
+    assert cells["integrated-gradients_error"] == "'@err" and cells["grad-cam_layer"] == "'+conv"
+    assert cells["target_score"] == "-0.25"
+    assert cells["integrated-gradients_convergence_delta"] == "-0.5"
+    assert cells["integrated-gradients_relative_convergence_delta"] == "-1e-07"
 
 
 # --- the audit on GoogLeNet: summary, exit code, resume, the page in Chromium ------------------
