@@ -2,22 +2,17 @@
 writer per output folder."""
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
-import string
 from pathlib import Path
 
 from .errors import OnnxAttrError
 
-# atomic_path's temporary for "<folder>/<stem><suffix>" (the one definition: atomic_path names
-# its temporaries with it, remove_temporaries finds a killed run's leftovers with it)
-_TEMPORARY = ".{stem}.{token}.tmp{suffix}"
-_TEMPORARY_FIELDS = {"stem": ".*", "token": "[0-9a-f]{8}", "suffix": r"(\.[^.]*)?"}
-TEMPORARY_NAME = re.compile("".join(
-    re.escape(text) + (_TEMPORARY_FIELDS[field] if field else "")
-    for text, field, _, _ in string.Formatter().parse(_TEMPORARY)), re.S)
+# atomic_path's temporary for "<folder>/<stem><suffix>", and the pattern remove_temporaries finds
+# a killed run's leftovers by (tests/test_report.py checks that the two agree)
+_TEMPORARY = ".{stem}.{token}.tmp{suffix}"  # token: 8 hex digits
+TEMPORARY_NAME = re.compile(r"\..*\.[0-9a-f]{8}\.tmp(\.[^.]*)?", re.S)
 LOCK_NAME = ".onnxattr.lock"  # the lock file of folder_lock
 
 
@@ -78,6 +73,8 @@ def folder_lock(folder, busy):
     """Hold `folder`'s lock (creating the folder) for the block, or raise OnnxAttrError(`busy`)
     if another process holds it. The lock is an flock on `folder/LOCK_NAME`: it goes with the
     process, so a killed run never leaves a stale one."""
+    import fcntl  # POSIX only: imported here so that the rest of onnxattr imports anywhere
+
     lock = Path(folder) / LOCK_NAME
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
