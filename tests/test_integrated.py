@@ -30,13 +30,10 @@ from onnxattr.integration import INTEGRATION_RULES as RULES
 from onnxattr.methods import METHODS, SMOOTHINGS, Method
 
 import small_models
+from tolerance import rel_l2 as relative_l2
 
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.integers(0, 256, (8, 8, 3), np.uint8) for _ in range(3)]
-
-
-def relative_l2(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def linear_model():

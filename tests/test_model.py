@@ -18,13 +18,10 @@ from onnxattr.model import load_model
 from onnxattr.runtime import onnxruntime
 
 import small_models
+from tolerance import rel_l2
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.uniform(0, 255, (3, 3, 8, 8)).astype(np.float32)
-
-
-def rel_l2(got, want):
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def labelled(model, contract=None):
