@@ -277,7 +277,8 @@ def describe_model(proto, digest, name="model"):
     if METHOD_KEY in metadata:
         return _describe_compiled(proto, digest, name, metadata)
     input_name, channels, height, width, batch = _image_input(proto.graph, name)
-    prob_output, logits_output, num_classes = _class_outputs(proto.graph, name)
+    declared_batch = next(_dims(i)[0] for i in proto.graph.input if i.name == input_name)
+    prob_output, logits_output, num_classes = _class_outputs(proto.graph, name, declared_batch)
     labels = _labels(metadata, num_classes, name)
     return ClassifierModel(proto, digest, input_name, channels, height, width, num_classes,
                            prob_output, logits_output, labels,
@@ -375,22 +376,28 @@ def _float16_hint(inputs):
     return ""
 
 
-def _class_outputs(graph, name):
-    producers = {out: node for node in graph.node for out in node.output}
-    for output in graph.output:
+def _class_outputs(graph, name, batch):
+    """(softmax output or None, logits tensor, class count): the first output [N, classes] whose
+    N can be the image input's batch `batch` (its declared first dimension), preferring one a
+    Softmax produces. An output such as a [32, 32] map of a model with batch 1 is no class
+    output."""
+    def is_classes(output):
         dims = _dims(output)
-        if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 2:
-            continue
+        return (len(dims) == 2 and isinstance(dims[1], int) and dims[1] >= 2
+                and (dims[0] in (None, batch) or isinstance(dims[0], str)
+                     or (dims[0] == 1 and not isinstance(batch, int))))
+
+    producers = {out: node for node in graph.node for out in node.output}
+    candidates = [o for o in graph.output if is_classes(o)]
+    for output in candidates:
         node = producers.get(output.name)
         if node is not None and node.op_type == "Softmax":
-            return output.name, node.input[0], dims[1]
-    for output in graph.output:
-        dims = _dims(output)
-        if len(dims) == 2 and isinstance(dims[1], int) and dims[1] >= 2:
-            return None, output.name, dims[1]
+            return output.name, node.input[0], _dims(output)[1]
+    if candidates:
+        return None, candidates[0].name, _dims(candidates[0])[1]
     found = ", ".join(f"{o.name} {_dims(o)}" for o in graph.output) or "none"
     raise OnnxAttrError(f"{name} is not an image classifier: no softmax or logits output "
-                        f"[N, classes] (found outputs: {found})")
+                        f"[N, classes] with N the image's batch {batch} (found outputs: {found})")
 
 
 def _labels(metadata, num_classes, name):

@@ -379,3 +379,43 @@ def test_onnxattr_does_not_import_torch(tmp_path):
                           env={**os.environ, "PYTHONWARNINGS": "default"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False" and done.stderr == ""
+
+
+def map_model(batch):
+    """image [batch, 3, 32, 32] -> ReduceSum over channels -> a [32, 32] map (batch 1) or
+    [batch, 32, 32] -> Reshape to the declared output."""
+    nodes = [helper.make_node("ReduceSum", ["image", "axes"], ["summed"], keepdims=0),
+             helper.make_node("Reshape", ["summed", "shape"], ["map"])]
+    graph = helper.make_graph(
+        nodes, "map", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                     [batch, 3, 32, 32])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, [32, 32])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+         numpy_helper.from_array(np.array([32, 32], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_a_map_output_is_not_taken_for_classes(tmp_path, batch):
+    """A [32, 32] output of a model whose batch is 1 (or free) is a map, not 32 classes."""
+    path = tmp_path / "map.onnx"
+    onnx.save(map_model(batch), path)
+    with pytest.raises(OnnxAttrError, match=r"not an image classifier.*map \[32, 32\]"):
+        load_model(path)
+
+
+def test_class_output_follows_the_image_batch(tmp_path):
+    """[N, classes] with the image's own batch dimension is a class output, fixed or free."""
+    for batch in (1, 4, "N"):
+        model = small_models.conv_relu_maxpool_lrn()
+        model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+        model.graph.output[0].type.tensor_type.shape.dim[0].Clear()
+        for value in (model.graph.input[0], model.graph.output[0]):
+            dim = value.type.tensor_type.shape.dim[0]
+            if batch == "N":
+                dim.dim_param = batch
+            else:
+                dim.dim_value = batch
+        path = tmp_path / f"b{batch}.onnx"
+        onnx.save(model, path)
+        assert load_model(path).num_classes == 5
