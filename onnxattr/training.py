@@ -19,7 +19,7 @@ import re
 import onnx
 
 from .errors import OnnxAttrError
-from .graph import Emitter, GraphEditor, copy_model, default_opset
+from .graph import Emitter, GraphEditor, copy_model, default_opset, reads, refuse_control_flow
 from .prepare import ONEHOT, SCORE
 from .relu_rules import OTHER_RECTIFIERS, VANILLA, relu_rule, zero_like
 from .runtime import onnxruntime
@@ -54,6 +54,7 @@ def training_builder_graph(scored, wrt, output=SCORE):
     if default_opset(scored) > MAX_OPSET:
         raise OnnxAttrError(f"model uses opset {default_opset(scored)}; onnxruntime-training "
                             f"supports at most {MAX_OPSET} (use the native builder)")
+    refuse_control_flow(score_path(scored, wrt, output), wrt, output)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -79,23 +80,23 @@ def _builder_error(message):
     return f"onnxruntime-training's gradient builder failed: {last_line[-300:]}"
 
 
-def score_path(forward, wrt=None):
+def score_path(forward, wrt=None, output=SCORE):
     """The nodes of `forward` on a path from tensor `wrt` (default: its image input) to its
-    `score` output, in order."""
+    `output`, in order (a node's subgraphs' reads of outer tensors count as its inputs)."""
     graph = forward.graph
     initializers = {t.name for t in graph.initializer}
     reached = {wrt} if wrt else {i.name for i in graph.input} - initializers - {ONEHOT}
     downstream = []
     for node in graph.node:  # topological order: one pass finds everything fed by the source
-        if reached.intersection(node.input):
+        if reached.intersection(reads(node)):
             reached.update(node.output)
             downstream.append(node)
-    needed, path = {SCORE}, []
+    needed, path = {output}, []
     for node in reversed(downstream):
         if needed.intersection(node.output):
             path.append(node)
             if node.op_type not in NO_GRADIENT:
-                needed.update(node.input)
+                needed.update(reads(node))
     return path[::-1]
 
 

@@ -21,6 +21,7 @@ from onnx import helper
 from .. import relu_rules
 from ..errors import OnnxAttrError
 from ..graph import (
+    CONTROL_FLOW,
     MAX_IR_VERSION,
     MIN_OPSET,
     STANDARD_DOMAINS,
@@ -29,6 +30,8 @@ from ..graph import (
     at_least_opset,
     copy_model,
     default_opset,
+    reads,
+    refuse_control_flow,
     topological_order,
 )
 from ..relu_rules import OTHER_RECTIFIERS, is_gated_clip
@@ -112,6 +115,8 @@ class ReverseWalk:
         reached, downstream, blocked = {self.wrt}, [], []
         for node in self.editor.graph.node:
             hits = [i for i, name in enumerate(node.input) if name and name in reached]
+            if node.op_type in CONTROL_FLOW and reached.intersection(reads(node)):
+                hits = list(range(len(node.input)))  # refused below if the output needs it
             if not hits or node.op_type in NO_GRADIENT:
                 continue
             rule = VJP_RULES.get(node.op_type)
@@ -129,6 +134,7 @@ class ReverseWalk:
                 path.append(node)
                 wanted[id(node)] = set(through)
                 needed.update(node.input[i] for i in through)
+        refuse_control_flow(path[::-1], self.wrt, self.output)
         self._refuse_blocked(blocked)
         if self.wrt not in needed:
             raise OnnxAttrError(f"'{self.output}' does not depend on '{self.wrt}' through "
