@@ -6,9 +6,9 @@ image to the score, where T is the Relu's output or its input (either: X > 0 exa
 Y > 0). `rewrite_relu_gradients` replaces each of them by `relu_rules.RELU_RULES[rule]` in
 standard ops, and refuses rather than return a partly modified gradient under a modified label:
 every Relu on the path must have exactly one ReluGrad (any fusion would show as a count
-mismatch). With a modified rule, another rectifier on the path (the builder's gradients of
-Clip, LeakyRelu, ... are not ours to modify) or no Relu at all is refused; the native builder
-(onnxattr.autodiff) also gates ReLU6.
+mismatch). Which models a modified rule applies to is relu_rules.check_rule_applies, shared with
+the native builder (onnxattr.autodiff), which also gates ReLU6: this builder's gradient of Clip
+is not ours to rewrite.
 
 The result still holds training ops (ConvGrad, MaxPoolGrad, ...): onnxattr.lowering turns them
 into standard ops.
@@ -21,7 +21,7 @@ import onnx
 from .errors import OnnxAttrError
 from .graph import Emitter, GraphEditor, copy_model, default_opset, reads, refuse_control_flow
 from .prepare import ONEHOT, SCORE
-from .relu_rules import OTHER_RECTIFIERS, VANILLA, relu_rule, zero_like
+from .relu_rules import VANILLA, check_rule_applies, relu_rule, zero_like
 from .runtime import onnxruntime
 
 MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
@@ -42,7 +42,9 @@ def build_training_gradient(scored, wrt, rule=VANILLA, output=SCORE):
     name and stops its backward walk there (a layer's gradient for Grad-CAM; tested against
     the native builder and float64 PyTorch on GoogLeNet and ResNet-18), so no probe input is
     needed."""
-    relu_rule(rule)  # an unknown rule fails before the build
+    relu_rule(rule)  # an unknown rule fails before the build, and so does a refused model
+    check_rule_applies(rule, GraphEditor(scored), score_path(scored, wrt, output), wrt, output,
+                       gates_clip=False)
     return rewrite_relu_gradients(training_builder_graph(scored, wrt, output), rule, scored, wrt)
 
 
@@ -110,10 +112,9 @@ def rewrite_relu_gradients(gradient_graph, rule, forward, wrt=None):
     """
     backward = relu_rule(rule)
     path = score_path(forward, wrt)
-    expected = sum(node.op_type == "Relu" for node in path)
-    source = f"'{wrt}'" if wrt else "the image"
-    if rule != VANILLA:
-        _check_rectifiers(path, rule, expected, source)
+    wrt = wrt or _image_input(forward)
+    expected = len(check_rule_applies(rule, GraphEditor(forward), path, wrt, SCORE,
+                                      gates_clip=False))
     model = copy_model(gradient_graph)
     em = Emitter(GraphEditor(model), "relu_rule/")
     count = 0
@@ -127,20 +128,13 @@ def rewrite_relu_gradients(gradient_graph, rule, forward, wrt=None):
             em.nodes.append(node)
     if count != expected:
         raise OnnxAttrError(f"the gradient graph has {count} ReluGrad nodes for {expected} Relu "
-                            f"nodes between {source} and the score; cannot apply the '{rule}' "
+                            f"nodes between '{wrt}' and the score; cannot apply the '{rule}' "
                             "rule to every ReLU")
     em.editor.set_nodes(em.nodes)
     return model
 
 
-def _check_rectifiers(path, rule, relus, source):
-    others = [node for node in path if node.op_type in OTHER_RECTIFIERS]
-    if others:
-        found = ", ".join(f"{n.op_type} '{n.name}'" for n in others[:3])
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise OnnxAttrError(f"the '{rule}' ReLU backward rule is defined for Relu only here; "
-                            f"the model has {found}{more} between {source} and the score (use "
-                            "the plain gradient, or --builder native, which also gates ReLU6)")
-    if relus == 0:
-        raise OnnxAttrError(f"the model has no Relu between {source} and the score, so the "
-                            f"'{rule}' ReLU backward rule does not apply (use the plain gradient)")
+def _image_input(forward):
+    graph = forward.graph
+    initializers = {t.name for t in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in initializers | {ONEHOT})
