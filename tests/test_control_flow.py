@@ -56,7 +56,6 @@ def test_if_between_image_and_score_is_one_line_through_the_cli(tmp_path, consta
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("builder", ["native", "onnxruntime"])
 def test_both_builders_refuse_control_flow(tmp_path, builder):
     explainer = Explainer(save(if_model(True), tmp_path / "if.onnx"), builder=builder,
                           cache_dir=tmp_path / "cache")
@@ -64,3 +63,16 @@ def test_both_builders_refuse_control_flow(tmp_path, builder):
     with pytest.raises(OnnxAttrError, match=r"'score' depends on 'image' " + IF_LINE.replace(
             "(", r"\(").replace(")", r"\)")):
         explainer.explain(image, "gradient")
+
+
+def test_a_crash_of_the_training_builder_is_one_error():
+    """The If model without the control-flow check: the GradientGraphBuilder aborts, in its
+    child process, and this process gets one OnnxAttrError."""
+    from onnxattr.model import describe_model
+    from onnxattr.prepare import TRAINING_FIXES, add_score_head, prepare_forward
+    from onnxattr.training import _run_builder
+
+    scored = add_score_head(prepare_forward(describe_model(if_model(True), "digest"),
+                                            TRAINING_FIXES))
+    with pytest.raises(OnnxAttrError, match=r"gradient builder crashed \(SIGABRT\)"):
+        _run_builder(scored.SerializeToString(), "image", "score")

@@ -314,7 +314,6 @@ def test_smooth_activations_with_relus_are_refused_alike(tmp_path, case, method)
 
 
 @pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
-@pytest.mark.parametrize("builder", ["native", "onnxruntime"])
 def test_squeeze_excite_gate_is_not_a_rectifier(tmp_path, gate, builder):
     """Relu -> squeeze-excite (pool, 1x1 conv, Relu, 1x1 conv, gate) times the Relu's output:
     the gate multiplies another tensor, so the rules apply at the two Relus."""
