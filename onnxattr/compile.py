@@ -6,7 +6,9 @@ of standard ops, and the engine that runs such a file.
 onnxruntime-gpu or onnxruntime-node run without the training build. The gradient graph comes
 from either builder (the native one's is standard ops already; the training builder's is
 lowered). A source model with a fixed batch size keeps it: the compiled model declares the same
-batch, so a runtime refuses other batch sizes instead of mixing rows.
+batch, so a runtime refuses other batch sizes instead of mixing rows. A row whose `target` is
+not a class index (negative, or >= the number of classes) gets NaN in both outputs, never an
+all-zero or another class's attribution.
 """
 
 import json
@@ -38,6 +40,7 @@ from .relu_rules import RELU_RULES, VANILLA
 from .runtime import SessionPool
 
 IMAGE, TARGET, ATTRIBUTION = "image", "target", "attribution"
+CHECKED = "target/check/"  # the node making output X NaN for a bad target is named CHECKED + X
 
 
 def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=None,
@@ -45,10 +48,11 @@ def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=N
     """A portable attribution model of the classifier at path `model` for `method` and `score`.
 
     Inputs `image` (float32 [N, C, H, W], RGB pixels 0..255: the source model's pixel contract
-    is built in) and `target` (int64 [N], class index); outputs `prob` (or `logits` for score
-    "logit") and `attribution` (float32 [N, C, H, W]). Standard ai.onnx ops only; labels,
-    input contract, method and score are in its metadata. Written atomically to `output` when
-    given; returns the ModelProto. `model` may also be a ClassifierModel (onnxattr.model).
+    is built in) and `target` (int64 [N], class index; out of range: NaN outputs in that row);
+    outputs `prob` (or `logits` for score "logit") and `attribution` (float32 [N, C, H, W]).
+    Standard ai.onnx ops only; labels, input contract, method and score are in its metadata.
+    Written atomically to `output` when given; returns the ModelProto. `model` may also be a
+    ClassifierModel (onnxattr.model).
     """
     rule = _compiled_rule(method)
     check_score(score)
@@ -90,12 +94,18 @@ def _attribution_model(gradient_graph, classifier, method, score):
         for node in graph.node:
             node.input[:] = [IMAGE if i == source_input else i for i in node.input]
     editor = GraphEditor(model)
+    class_output = SCORES[score]
+    unchecked = editor.unique(f"{class_output}/unchecked")
+    for node in graph.node:
+        node.input[:] = [unchecked if i == class_output else i for i in node.input]
+        node.output[:] = [unchecked if o == class_output else o for o in node.output]
     depth = editor.constant("target/depth", np.array([classifier.num_classes], np.int64))
     values = editor.constant("target/values", np.array([0.0, 1.0], np.float32))
     editor.set_nodes([
         editor.node("OneHot", [TARGET, depth, values], [ONEHOT], "target/onehot", axis=-1),
         *graph.node,
-        editor.node("Identity", [gradient_output(source_input)], [ATTRIBUTION], "attribution")])
+        *_nan_unless_valid(editor, depth, [(unchecked, class_output, 2),
+                                           (gradient_output(source_input), ATTRIBUTION, 4)])])
     batch = classifier.batch or "N"
     image_shape = [batch, classifier.channels, classifier.height, classifier.width]
     del graph.input[:]
@@ -119,12 +129,34 @@ def _attribution_model(gradient_graph, classifier, method, score):
     return model
 
 
+def _nan_unless_valid(editor, depth, outputs):
+    """Nodes that copy each (tensor, output, rank) to `output`, NaN in the rows whose target is
+    not a class index (< 0 or >= depth): OneHot gives such a row all zeros (or wraps a negative
+    index), whose attribution would read as "nothing matters" instead of an error."""
+    low, high, valid = (editor.unique(f"target/{n}") for n in ("at_least_0", "below", "valid"))
+    nodes = [editor.node("GreaterOrEqual", [TARGET, editor.constant("target/zero", np.int64(0))],
+                         [low], low),
+             editor.node("Less", [TARGET, depth], [high], high),
+             editor.node("And", [low, high], [valid], valid)]
+    nan = editor.constant("target/nan", np.float32(np.nan))
+    for tensor, output, rank in outputs:
+        axes = editor.constant(f"target/axes{rank}", np.arange(1, rank, dtype=np.int64))
+        row = editor.unique(f"target/valid_rank{rank}")
+        nodes += [editor.node("Unsqueeze", [valid, axes], [row], row),
+                  helper.make_node("Where", [row, tensor, nan], [output], name=f"{CHECKED}{output}")]
+    return nodes
+
+
 def forward_part(compiled):
-    """The class-output half of a compiled model: input `image` only, output prob or logits."""
+    """The class-output half of a compiled model: input `image` only, output prob or logits
+    (as computed, without the target check)."""
     forward = copy_model(compiled)
     outputs = [o for o in forward.graph.output if o.name != ATTRIBUTION]
     del forward.graph.output[:]
     forward.graph.output.extend(outputs)
+    for node in forward.graph.node:
+        if node.name == f"{CHECKED}{node.output[0]}":
+            node.CopyFrom(helper.make_node("Identity", [node.input[1]], node.output, node.name))
     prune(forward)
     return forward
 

@@ -23,6 +23,7 @@ MIN_OPSET = 17
 STANDARD_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16)
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def default_opset(proto):
@@ -79,7 +80,7 @@ def topological_order(nodes):
     waiting = [0] * len(nodes)
     consumers = [[] for _ in nodes]
     for i, node in enumerate(nodes):
-        sources = {producer[t] for t in node.input if t in producer} - {i}
+        sources = {producer[t] for t in reads(node) if t in producer} - {i}
         waiting[i] = len(sources)
         for j in sources:
             consumers[j].append(i)
@@ -200,6 +201,22 @@ def prune(model):
     inputs = [i for i in graph.input if i.name in needed]
     del graph.input[:]
     graph.input.extend(inputs)
+
+
+def reads(node):
+    """The names `node` reads: its inputs and the outer-scope names its subgraphs read."""
+    return {*node.input, *_subgraph_inputs(node)} - {""}
+
+
+def refuse_control_flow(path, wrt, output):
+    """OnnxAttrError naming the first control-flow node (If, Loop, Scan) of `path`, the nodes
+    through which tensor `output` depends on `wrt`: neither builder differentiates through one
+    (onnxruntime-training's builder aborts the whole process on an If)."""
+    for node in path:
+        if node.op_type in CONTROL_FLOW:
+            raise OnnxAttrError(f"'{output}' depends on '{wrt}' through control flow "
+                                f"({node.op_type} node '{node.name}'), which onnxattr cannot "
+                                "differentiate (re-export the model without it)")
 
 
 def _subgraph_inputs(node):

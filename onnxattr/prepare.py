@@ -22,6 +22,7 @@ from onnx import helper
 from .errors import OnnxAttrError
 from .graph import GraphEditor, at_least_opset, attribute, copy_model, default_opset
 from .model import PIXEL_RANGE
+from .relu_rules import replaces
 
 SCORE = "score"
 ONEHOT = "onehot"
@@ -172,22 +173,24 @@ def _window_share(inside, kernel, strides, pads):
     return windows.mean(axis=tuple(range(-rank, 0)))
 
 
-def _hard_sigmoid(editor, node, x, y):
-    """y = Clip(alpha * x + beta, 0, 1), as Mul, Add and Clip."""
+def _hard_sigmoid(editor, node, x, y, original):
+    """y = Clip(alpha * x + beta, 0, 1), as Mul, Add and Clip; the Clip stands for node
+    `original` in the rectifier check (relu_rules.check_rule_applies)."""
     alpha, beta = attribute(node, "alpha", 0.2), attribute(node, "beta", 0.5)
     scaled, shifted = editor.unique(f"{node.name}/scaled"), editor.unique(f"{node.name}/shifted")
     return [editor.node("Mul", [x, editor.constant(f"{node.name}/alpha", np.float32(alpha))],
                         [scaled], node.name),
             editor.node("Add", [scaled, editor.constant(f"{node.name}/beta", np.float32(beta))],
                         [shifted], node.name),
-            editor.node("Clip", [shifted, editor.constant(f"{node.name}/zero", np.float32(0)),
-                                 editor.constant(f"{node.name}/one", np.float32(1))], [y],
-                        node.name)]
+            replaces(editor.node("Clip", [shifted, editor.constant(f"{node.name}/zero",
+                                                                    np.float32(0)),
+                                          editor.constant(f"{node.name}/one", np.float32(1))],
+                                 [y], node.name), original)]
 
 
 def _fix_hard_sigmoid(editor, node):
     """HardSigmoid(x) = Clip(alpha * x + beta, 0, 1)."""
-    return _hard_sigmoid(editor, node, node.input[0], node.output[0])
+    return _hard_sigmoid(editor, node, node.input[0], node.output[0], node)
 
 
 def _fix_hard_swish(editor, node):
@@ -195,7 +198,7 @@ def _fix_hard_swish(editor, node):
     gate = editor.unique(f"{node.name}/gate")
     spec = helper.make_node("HardSigmoid", node.input, [gate], name=node.name, alpha=1 / 6,
                             beta=0.5)
-    return [*_hard_sigmoid(editor, spec, node.input[0], gate),
+    return [*_hard_sigmoid(editor, spec, node.input[0], gate, node),
             editor.node("Mul", [node.input[0], gate], [node.output[0]], node.name)]
 
 

@@ -221,6 +221,24 @@ def test_op_without_rule_is_named():
         lower_graph(model)
 
 
+def test_out_of_range_target_gives_nan_not_zeros(tmp_path):
+    """A class index < 0 or >= the number of classes: NaN attribution and class output in that
+    row (OneHot gave zeros for 5000 and wrapped -1 to the last class); other rows unchanged."""
+    import small_models
+
+    source = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "small.onnx")
+    pixels = np.random.default_rng(6).uniform(0, 255, (3, 3, 8, 8)).astype(np.float32)
+    for method in ("gradient", "guided-backprop"):
+        compiled = compile_model(source, method, "prob", cache_dir=tmp_path / "cache")
+        session = onnxruntime.InferenceSession(compiled.SerializeToString())
+        feeds = {"image": pixels, "target": np.array([5000, -1, 2], np.int64)}
+        attribution, prob = session.run(["attribution", "prob"], feeds)
+        assert np.isnan(attribution[:2]).all() and np.isnan(prob[:2]).all(), method
+        want = session.run(["attribution", "prob"], {**feeds, "target": np.array([0, 4, 2])})
+        assert np.array_equal(attribution[2], want[0][2]) and np.array_equal(prob[2], want[1][2])
+        assert np.abs(attribution[2]).max() > 0 and np.isfinite(want[0]).all()
+
+
 # --- 2. compiled models on stock onnxruntime ------------------------------------------------------
 
 STOCK_RUNNER = textwrap.dedent("""

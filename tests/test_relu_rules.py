@@ -236,7 +236,8 @@ RECTIFIERS = {
 
 @pytest.mark.parametrize("method", ["guided-backprop", "zeiler-fergus"])
 def test_model_without_relu_is_refused(tmp_path, method, builder):
-    path = small_model_path(tmp_path, [helper.make_node("Sigmoid", ["c1"], ["a"], name="sig")])
+    path = small_model_path(tmp_path, [helper.make_node("MaxPool", ["c1"], ["a"], name="pool",
+                                                        kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
     explainer = Explainer(path, cache_dir=tmp_path / "cache", builder=builder)
     with pytest.raises(OnnxAttrError, match="has no Relu between"):
         explainer.explain(IMAGE, method)
@@ -255,6 +256,74 @@ def test_other_rectifiers_are_refused(tmp_path, case, method):
     assert "\n" not in str(error.value)
     if op != "PRelu":  # the builder cannot differentiate PRelu at all
         assert np.abs(explainer.explain(IMAGE, "gradient").attribution).max() > 0
+
+
+def node(op, inputs, output, **attrs):
+    return helper.make_node(op, inputs, [output], name=output, **attrs)
+
+
+CONSTANTS = {"one": np.float32(1), "half": np.float32(0.5), "root2": np.float32(np.sqrt(2)),
+             "three": np.float32(3), "cubic": np.float32(0.044715),
+             "scale": np.float32(np.sqrt(2 / np.pi))}
+# c1 -> the activation -> t, each as torch exports it; then Relu(t) -> a
+ACTIVATIONS = {
+    "Erf GELU": ([node("Div", ["c1", "root2"], "scaled"), node("Erf", ["scaled"], "erf"),
+                  node("Add", ["erf", "one"], "erf1"), node("Mul", ["c1", "erf1"], "gelu"),
+                  node("Mul", ["gelu", "half"], "t")], "Erf 'erf'"),
+    "tanh GELU": ([node("Pow", ["c1", "three"], "cube"), node("Mul", ["cube", "cubic"], "small"),
+                   node("Add", ["c1", "small"], "inner"), node("Mul", ["inner", "scale"], "u"),
+                   node("Tanh", ["u"], "tanh"), node("Add", ["tanh", "one"], "tanh1"),
+                   node("Mul", ["c1", "half"], "halfx"), node("Mul", ["halfx", "tanh1"], "t")],
+                  "Tanh 'tanh'"),
+    "SiLU": ([node("Sigmoid", ["c1"], "sigmoid"), node("Mul", ["c1", "sigmoid"], "t")],
+             "Sigmoid 'sigmoid'"),
+    "Mish": ([node("Softplus", ["c1"], "softplus"), node("Tanh", ["softplus"], "tanh"),
+              node("Mul", ["c1", "tanh"], "t")], "Softplus 'softplus', Tanh 'tanh'"),
+    "HardSigmoid": ([node("HardSigmoid", ["c1"], "t")], "HardSigmoid 't'"),
+    "HardSwish": ([node("HardSwish", ["c1"], "t")], "HardSwish 't'"),
+    "Sigmoid": ([node("Sigmoid", ["c1"], "t")], "Sigmoid 't'"),
+}
+
+
+@pytest.mark.parametrize("method", ["guided-backprop", "zeiler-fergus"])
+@pytest.mark.parametrize("case", ACTIVATIONS)
+def test_smooth_activations_with_relus_are_refused_alike(tmp_path, case, method):
+    """A model with ReLUs and a smooth activation or other rectifier (as an op or as the
+    pattern torch exports) between the image and the score: both builders refuse, in the same
+    words, naming it; the plain gradient works."""
+    nodes, found = ACTIVATIONS[case]
+    path = small_model_path(tmp_path, [*nodes, node("Relu", ["t"], "a")], CONSTANTS)
+    errors = []
+    for builder in ("native", "onnxruntime"):
+        explainer = Explainer(path, cache_dir=tmp_path / "cache", builder=builder)
+        with pytest.raises(OnnxAttrError) as error:
+            explainer.explain(IMAGE, method)
+        errors.append(str(error.value))
+    explainer = Explainer(path, cache_dir=tmp_path / "cache")  # (training: no Softplus gradient)
+    assert np.abs(explainer.explain(IMAGE, "gradient").attribution).max() > 0
+    rule = METHOD_RULES[method]
+    assert errors[0] == errors[1] == (
+        f"the '{rule}' ReLU backward rule is defined for Relu (and Clip with min 0) only; the "
+        f"model has {found} between 'image' and 'score' (use the plain gradient)")
+
+
+@pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
+def test_squeeze_excite_gate_is_not_a_rectifier(tmp_path, gate, builder):
+    """Relu -> squeeze-excite (pool, 1x1 conv, Relu, 1x1 conv, gate) times the Relu's output:
+    the gate multiplies another tensor, so the rules apply at the two Relus."""
+    rng = np.random.default_rng(5)
+    nodes = [node("Relu", ["c1"], "r1"), node("GlobalAveragePool", ["r1"], "pooled"),
+             node("Conv", ["pooled", "w_down"], "down"), node("Relu", ["down"], "r2"),
+             node("Conv", ["r2", "w_up"], "up"), node(gate, ["up"], "gate"),
+             node("Mul", ["r1", "gate"], "a")]
+    path = small_model_path(tmp_path, nodes, {"w_down": _weights(rng, 2, 4, 1, 1),
+                                              "w_up": _weights(rng, 4, 2, 1, 1)})
+    explainer = Explainer(path, cache_dir=tmp_path / "cache", builder=builder)
+    maps = {m: explainer.explain(IMAGE, m).attribution for m in METHOD_RULES}
+    assert explainer.engine.builders_used[("guided", "prob", None)] == builder
+    for method in ("guided-backprop", "zeiler-fergus"):
+        assert np.abs(maps[method]).max() > 0
+        assert rel_l2(maps[method], maps["gradient"]) > 0.01
 
 
 def test_relus_off_the_gradient_path_are_not_counted(tmp_path):

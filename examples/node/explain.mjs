@@ -55,6 +55,9 @@ async function main() {
     target: new ort.Tensor('int64', BigInt64Array.from([BigInt(target)]), [1]),
   });
   const scoreName = session.outputNames.find((n) => n !== 'attribution');
+  if (results.attribution.data.some(Number.isNaN)) { // what the model gives a bad class index
+    throw new Error(`class index ${target} is out of range for this model (NaN attribution)`);
+  }
   writeFloat32LE(outPath, results.attribution.data);
   console.log(JSON.stringify({ target, [scoreName]: results[scoreName].data[target],
                                shape: results.attribution.dims }));

@@ -21,6 +21,7 @@ from onnx import helper
 from .. import relu_rules
 from ..errors import OnnxAttrError
 from ..graph import (
+    CONTROL_FLOW,
     MAX_IR_VERSION,
     MIN_OPSET,
     STANDARD_DOMAINS,
@@ -29,9 +30,10 @@ from ..graph import (
     at_least_opset,
     copy_model,
     default_opset,
+    reads,
+    refuse_control_flow,
     topological_order,
 )
-from ..relu_rules import OTHER_RECTIFIERS, is_gated_clip
 from .registry import FLOAT_DTYPES, VJP_RULES, Vjp, differentiable_inputs
 
 # ops whose outputs carry no gradient whatever their inputs (shapes, indices, random values)
@@ -112,6 +114,8 @@ class ReverseWalk:
         reached, downstream, blocked = {self.wrt}, [], []
         for node in self.editor.graph.node:
             hits = [i for i, name in enumerate(node.input) if name and name in reached]
+            if node.op_type in CONTROL_FLOW and reached.intersection(reads(node)):
+                hits = list(range(len(node.input)))  # refused below if the output needs it
             if not hits or node.op_type in NO_GRADIENT:
                 continue
             rule = VJP_RULES.get(node.op_type)
@@ -129,6 +133,7 @@ class ReverseWalk:
                 path.append(node)
                 wanted[id(node)] = set(through)
                 needed.update(node.input[i] for i in through)
+        refuse_control_flow(path[::-1], self.wrt, self.output)
         self._refuse_blocked(blocked)
         if self.wrt not in needed:
             raise OnnxAttrError(f"'{self.output}' does not depend on '{self.wrt}' through "
@@ -161,9 +166,8 @@ class ReverseWalk:
             raise OnnxAttrError(f"the native gradient builder has no rule for op {node.op_type} "
                                 f"(node '{node.name}'){also}: re-export the model without it, "
                                 "try --builder onnxruntime, or file an issue")
-        gated = [n for n in path if n.op_type == "Relu" or is_gated_clip(self.editor, n)]
-        if self.rule_name != relu_rules.VANILLA:
-            self._check_rectifiers(path, gated)
+        gated = relu_rules.check_rule_applies(self.rule_name, self.editor, path[::-1], self.wrt,
+                                              self.output)
         self._seed()
         for node in path:
             self._backward(node, wanted[id(node)])
@@ -173,20 +177,6 @@ class ReverseWalk:
                                 "gated Clip) nodes between the input and the output; refusing "
                                 "a partly modified gradient")
         return self._total(self.wrt)
-
-    def _check_rectifiers(self, path, gated):
-        others = [n for n in path if n.op_type in OTHER_RECTIFIERS
-                  and not is_gated_clip(self.editor, n)]
-        if others:
-            found = ", ".join(f"{n.op_type} '{n.name}'" for n in others[:3])
-            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-            raise OnnxAttrError(f"the '{self.rule_name}' ReLU backward rule is defined for Relu "
-                                f"(and Clip with min 0) only; the model has {found}{more} between "
-                                f"'{self.wrt}' and '{self.output}' (use the plain gradient)")
-        if not gated:
-            raise OnnxAttrError(f"the model has no Relu between '{self.wrt}' and "
-                                f"'{self.output}', so the '{self.rule_name}' ReLU backward rule "
-                                "does not apply (use the plain gradient)")
 
     def _seed(self):
         dtype = self.em.dtype(self.output)
