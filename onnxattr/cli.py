@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .compile import compile_model
 from .errors import OnnxAttrError, OnnxAttrNote
 from .figures import save_integration_path, write_figures
 from .image import load_image
-from .integration import DEFAULT_STEPS
+from .integration import DEFAULT_STEPS, MAX_STEPS
 from .methods import (
     COMPLETENESS_TOLERANCE,
     METHODS,
@@ -133,13 +134,18 @@ def _applicable(explainer, methods, score):
 
 
 def check_output_folder(out_dir):
-    """Refuse an --out that is a file or lies under one, before any work."""
+    """Refuse an --out that is a file, lies under one, or cannot be created or written, before
+    any work: a scratch folder made (and removed) in the nearest folder that exists tells, even
+    as root or on /proc, where os.access says yes."""
     for folder in (Path(out_dir), *Path(out_dir).parents):
         if folder.exists():
             if not folder.is_dir():
                 raise OnnxAttrError(f"--out {out_dir}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK):
-                raise OnnxAttrError(f"--out {out_dir}: {folder} is not writable")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".onnxattr-", dir=folder))
+            except OSError as err:
+                raise OnnxAttrError(f"--out {out_dir}: cannot create or write in {folder} "
+                                    f"({err.strerror or err})") from None
             return
 
 
@@ -260,7 +266,7 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
 @click.option("--target", help="Class index or label (default: the original top-1 class).")
 @click.option("--score", type=click.Choice(list(SCORES)), default="logit",
               show_default=True, help="Differentiate the logit or the softmax probability.")
-@click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(1),
+@click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(2, MAX_STEPS),
               help="Integration steps of integrated-gradients (when it is among the methods).")
 @click.option("--out", "out_dir", default="sanity", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")

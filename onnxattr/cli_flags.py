@@ -11,7 +11,7 @@ from .builders import CHOICES as BUILDER_CHOICES
 from .errors import OnnxAttrError
 from .explainer import DEFAULT_MODEL, Explainer
 from .figures import RenderOptions
-from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES
+from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES, MAX_STEPS
 from .methods import DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS, SMOOTHINGS
 from .model import parse_numbers
 from .prepare import SCORES
@@ -122,8 +122,8 @@ def _number(name, text):
 # Method flags: absent unless given, and each goes only to the methods that take it
 # (Method.options); a flag that none of the chosen methods takes is an error.
 METHOD_FLAGS = {
-    "steps": dict(type=int, help="integrated-gradients: integration steps, at least 2 "
-                                 f"[default: {DEFAULT_STEPS}]."),
+    "steps": dict(type=int, help="integrated-gradients: integration steps, 2 to "
+                                 f"{MAX_STEPS} [default: {DEFAULT_STEPS}]."),
     "rule": dict(type=click.Choice(list(INTEGRATION_RULES)),
                  help=f"integrated-gradients: integration rule [default: {DEFAULT_RULE}]."),
     "baseline": dict(help="integrated-gradients: black (default), white, blur, uniform (noise "

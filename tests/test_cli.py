@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -254,3 +255,26 @@ def test_unlabelled_models_say_so(small_classifier, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--target",
                            "tabby cat", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "the model has no class names", "class index 0..4")
+
+
+def test_steps_over_the_maximum_is_one_line(small_classifier, monkeypatch, capsys):
+    """A huge --steps is refused in one line (it was a MemoryError in the Gauss-Legendre rule,
+    exit 70)."""
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--method",
+                           "integrated-gradients", "--steps", "1000000000", "--out",
+                           tmp_path / "out")
+    assert code == 1
+    assert_one_line_error(code, err, "steps must be a whole number", "at most 4096",
+                          "1000000000")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_that_cannot_be_created_is_one_line(small_classifier, monkeypatch, capsys):
+    """An --out that cannot be made (under /proc, where even root cannot) is one line naming
+    it, before any work (it was an internal error, exit 70)."""
+    tmp_path, model, photo = small_classifier
+    code, out, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                             "/proc/onnxattr-forbidden")
+    assert code == 1 and not out
+    assert_one_line_error(code, err, "--out /proc/onnxattr-forbidden", "cannot create")

@@ -435,6 +435,7 @@ def test_smoothed_titles():
 
 @pytest.mark.parametrize("method, options, problem", [
     ("integrated-gradients", dict(steps=1), "steps must be a whole number of at least 2"),
+    ("integrated-gradients", dict(steps=10**9), "steps must be .* at most 4096"),
     ("integrated-gradients", dict(rule="simpson"), "unknown integration rule"),
     ("integrated-gradients", dict(baseline="grey"), "unknown baseline 'grey'"),
     ("integrated-gradients", dict(baseline=np.zeros((3, 4, 4))), "must be the model's input size"),
@@ -491,7 +492,7 @@ def test_cli_steps_1_is_a_one_line_error(onnxattr_cli):
     assert code not in (0, None) and "Traceback" not in err
     (line,) = error_lines(err)
     assert line.startswith("error: ") and line.endswith(
-        "p.png: steps must be a whole number of at least 2, got 1")
+        "p.png: steps must be a whole number of at least 2 and at most 4096, got 1")
 
 
 @pytest.mark.parametrize("args, problem", [
