@@ -31,7 +31,7 @@ from .methods import (
     compilable_methods,
     get_method,
 )
-from .model import parse_numbers
+from .model import parse_numbers, parse_range
 from .prepare import SCORES
 
 BAR_STEPS = 100  # progress bar steps per method and image
@@ -313,7 +313,8 @@ def compile_command(model, method, score, builder, pixel_range, mean, std, outpu
     onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
     get_method(method)
     check_output_folder(output.parent)
-    classifier = open_explainer(model, "cpu", builder=builder, pixel_range=pixel_range,
+    classifier = open_explainer(model, "cpu", builder=builder,
+                                pixel_range=parse_range(pixel_range, "--pixel-range"),
                                 mean=parse_numbers(mean, "--mean"),
                                 std=parse_numbers(std, "--std")).classifier
     compile_model(classifier, method, score, output, builder=builder)

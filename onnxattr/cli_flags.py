@@ -13,7 +13,7 @@ from .explainer import DEFAULT_MODEL, Explainer
 from .figures import RenderOptions
 from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES, MAX_STEPS
 from .methods import DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS, SMOOTHINGS
-from .model import parse_numbers
+from .model import parse_numbers, parse_range
 from .prepare import SCORES
 from .runtime import PROVIDERS
 
@@ -50,7 +50,7 @@ def model_flags(command):
         kwargs["explainer"] = open_explainer(
             kwargs.pop("model"), kwargs.pop("device"), builder=kwargs.pop("builder"),
             precision="tf32" if kwargs.pop("tf32") else "float32",
-            pixel_range=kwargs.pop("pixel_range"),
+            pixel_range=parse_range(kwargs.pop("pixel_range"), "--pixel-range"),
             mean=parse_numbers(kwargs.pop("mean"), "--mean"),
             std=parse_numbers(kwargs.pop("std"), "--std"))
         return command(*args, **kwargs)

@@ -278,3 +278,20 @@ def test_out_that_cannot_be_created_is_one_line(small_classifier, monkeypatch, c
                              "/proc/onnxattr-forbidden")
     assert code == 1 and not out
     assert_one_line_error(code, err, "--out /proc/onnxattr-forbidden", "cannot create")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--std", "nan"], "--std must be finite numbers, got 'nan'"),
+    (["--mean", "nan"], "--mean must be finite numbers, got 'nan'"),
+    (["--pixel-range", "abc"], "--pixel-range must look like 0..1 or 0..255, got 'abc'"),
+    (["--pixel-range", "0-1"], "--pixel-range must look like 0..1 or 0..255, got '0-1'"),
+    (["--pixel-range", "0..inf"], "--pixel-range must look like 0..1 or 0..255"),
+])
+def test_bad_pixel_contract_flags_name_the_flag(small_classifier, monkeypatch, capsys, flags,
+                                                problem):
+    """Each contract flag's bad value is blamed on that flag (a NaN std said "bad pixel
+    range", a range without ".." printed the contract as a dict)."""
+    _, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo, "--model", model, *flags)
+    assert code == 1
+    assert_one_line_error(code, err, problem)
