@@ -69,6 +69,16 @@ class AttributionEngine:
         return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
                            self.classifier.batch)
 
+    def open(self):
+        """Open the forward session now, so a model onnxruntime cannot load fails before any
+        image."""
+        self._forward_pool().open()
+
+    def _forward_pool(self):
+        if self._forward_session is None:
+            self._forward_session = self.session(self.forward_graph())
+        return self._forward_session
+
     def forward(self, pixels, batch_size=None, reuse=True):
         """Class probabilities and logits for pixels [N, C, H, W].
 
@@ -77,9 +87,7 @@ class AttributionEngine:
         """
         key = (pixels.shape, hashlib.blake2b(np.ascontiguousarray(pixels).tobytes()).digest())
         if self._last_forward[0] != key or not reuse:
-            if self._forward_session is None:
-                self._forward_session = self.session(self.forward_graph())
-            self._last_forward = (key, tuple(self._forward_session.run(
+            self._last_forward = (key, tuple(self._forward_pool().run(
                 {self.classifier.input_name: pixels}, [PROB, LOGITS], batch_size)))
         return self._last_forward[1]
 

@@ -85,6 +85,10 @@ class Explainer:
         else:
             self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir),
                                             threads, builder, precision, workers)
+        try:
+            self.engine.open()  # a graph onnxruntime refuses is the model's fault, said once
+        except OnnxAttrError as err:
+            raise OnnxAttrError(f"{self.model_path}: {err}") from None
         self.fit = fit
         self._contract_said = self.classifier.contract.stated or bool(self.classifier.compiled)
 

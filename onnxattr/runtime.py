@@ -160,6 +160,11 @@ class SessionPool:
         self._whole = None
         self._parts = []
 
+    def open(self):
+        """Make the session with all the threads now: a graph onnxruntime cannot load fails
+        here, not at the first run."""
+        self._whole_session()
+
     def _whole_session(self):
         if self._whole is None:
             self._whole = make_session(self.model, self.device, self.threads, self.precision)

@@ -295,3 +295,40 @@ def test_bad_pixel_contract_flags_name_the_flag(small_classifier, monkeypatch, c
     code, _, err = run_cli(monkeypatch, capsys, "classify", photo, "--model", model, *flags)
     assert code == 1
     assert_one_line_error(code, err, problem)
+
+
+def unknown_op():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.node[2].op_type = "FooBar"
+    del model.graph.node[2].attribute[:]
+    return model
+
+
+def too_new_opset():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.opset_import[0].version = 99
+    return model
+
+
+def cycle():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.node[1].input[0] = "n1"  # relu1 reads lrn1's output, which depends on relu1
+    return model
+
+
+@pytest.mark.parametrize("make, problem", [
+    (unknown_op, "FooBar"),
+    (too_new_opset, "Opset 99"),
+    (cycle, "not acyclic"),
+])
+def test_model_onnxruntime_cannot_load_is_blamed_on_the_model(small_classifier, monkeypatch,
+                                                              capsys, make, problem):
+    """A graph onnxruntime refuses fails once, naming the model, before any image (it was
+    reported per image, as if the photo were at fault)."""
+    tmp_path, _, photo = small_classifier
+    path = tmp_path / "bad.onnx"
+    onnx.save(make(), path)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo, photo, "--model", path)
+    assert_one_line_error(code, err, f"error: {path}: onnxruntime cannot load the graph",
+                          problem)
+    assert "photo.png" not in err
