@@ -82,6 +82,8 @@ def _read_file(path):
     """Check, open and decode an image file."""
     try:
         if not path.exists():
+            if path.is_symlink():
+                raise _error(path, "symlink cannot be resolved (a loop, or its target is missing)")
             raise _error(path, "file not found")
         if path.is_dir():
             raise _error(path, "is a directory, not an image file")
