@@ -133,18 +133,20 @@ def _applicable(explainer, methods, score):
     return kept
 
 
-def check_output_folder(out_dir):
-    """Refuse an --out that is a file, lies under one, or cannot be created or written, before
-    any work: a scratch folder made (and removed) in the nearest folder that exists tells, even
-    as root or on /proc, where os.access says yes."""
+def check_output_folder(out_dir, flag="--out", given=None):
+    """Refuse an output folder that is a file, lies under one, or cannot be created or
+    written, before any work: a scratch folder made (and removed) in the nearest folder that
+    exists tells, even as root or on /proc, where os.access says yes. The error names `flag`
+    and what it was `given` (default: the folder)."""
+    given = out_dir if given is None else given
     for folder in (Path(out_dir), *Path(out_dir).parents):
         if folder.exists():
             if not folder.is_dir():
-                raise OnnxAttrError(f"--out {out_dir}: {folder} is a file, not a folder")
+                raise OnnxAttrError(f"{flag} {given}: {folder} is a file, not a folder")
             try:
                 os.rmdir(tempfile.mkdtemp(prefix=".onnxattr-", dir=folder))
             except OSError as err:
-                raise OnnxAttrError(f"--out {out_dir}: cannot create or write in {folder} "
+                raise OnnxAttrError(f"{flag} {given}: cannot create or write in {folder} "
                                     f"({err.strerror or err})") from None
             return
 
@@ -312,7 +314,7 @@ def compile_command(model, method, score, builder, pixel_range, mean, std, outpu
     """Write a portable attribution model (standard ONNX ops: stock onnxruntime, onnxruntime-gpu,
     onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
     get_method(method)
-    check_output_folder(output.parent)
+    check_output_folder(output.parent, "--output", output)
     classifier = open_explainer(model, "cpu", builder=builder,
                                 pixel_range=parse_range(pixel_range, "--pixel-range"),
                                 mean=parse_numbers(mean, "--mean"),

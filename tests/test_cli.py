@@ -332,3 +332,14 @@ def test_model_onnxruntime_cannot_load_is_blamed_on_the_model(small_classifier, 
     assert_one_line_error(code, err, f"error: {path}: onnxruntime cannot load the graph",
                           problem)
     assert "photo.png" not in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_compile_output_that_cannot_be_written_names_output(small_classifier, monkeypatch,
+                                                            capsys):
+    _, model, _ = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "compile", model, "--output",
+                           "/proc/onnxattr-forbidden/a.onnx")
+    assert code == 1
+    assert_one_line_error(code, err, "error: --output /proc/onnxattr-forbidden/a.onnx: "
+                          "cannot create or write in /proc")
