@@ -144,7 +144,7 @@ def make_baselines(baseline, pixels, value_range=PIXEL_RANGE, seed=None):
     elif (number := _number(baseline)) is not None:
         values = number
     elif isinstance(baseline, (np.ndarray, Image.Image, os.PathLike)) or (
-            isinstance(baseline, str) and os.path.exists(baseline)):
+            isinstance(baseline, str) and (os.path.lexists(baseline) or _image_suffix(baseline))):
         values = _baseline_image(baseline, pixels.shape[1:])
     else:
         raise OnnxAttrError(f"unknown baseline {baseline!r} (choose {', '.join(BASELINES)}, a "
@@ -169,6 +169,12 @@ def _number(value):
     return None
 
 
+def _image_suffix(name):
+    """Whether `name` ends like an image file (.png, .jpg...): a missing one is a file not
+    found, not an unknown baseline."""
+    return os.path.splitext(name)[1].lower() in Image.registered_extensions()
+
+
 def _baseline_image(source, shape):
     """A baseline image as float pixels `shape` (C, H, W); refuses any other size."""
     channels, height, width = shape
@@ -180,7 +186,10 @@ def _baseline_image(source, shape):
         pixels = source.astype(np.float64)
         size = source.shape[2], source.shape[1]
     else:
-        image = load_image(source)
+        try:
+            image = load_image(source)
+        except OnnxAttrError as err:
+            raise OnnxAttrError(f"baseline {err}") from None
         size = image.size
         pixels = to_pixels(image, image.size[::-1])
     if size != (width, height):

@@ -343,3 +343,13 @@ def test_compile_output_that_cannot_be_written_names_output(small_classifier, mo
     assert code == 1
     assert_one_line_error(code, err, "error: --output /proc/onnxattr-forbidden/a.onnx: "
                           "cannot create or write in /proc")
+
+
+def test_missing_baseline_file_says_file_not_found(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--method",
+                           "integrated-gradients", "--baseline", "nothere.png", "--out",
+                           tmp_path / "out")
+    assert code == 1
+    assert_one_line_error(code, err, "baseline nothere.png: file not found")

@@ -187,6 +187,7 @@ def test_baseline_list_gives_one_per_image():
 
 @pytest.mark.parametrize("spec, problem", [
     ("balck", "unknown baseline 'balck'"),
+    ("nothere.jpg", "baseline nothere.jpg: file not found"),
     ("nan", "finite"),
     ("1e40", "baseline 1e\\+40 is not a finite pixel value within ±1e\\+06"),
     (-2e6, "baseline -2000000.0 is not a finite pixel value"),
