@@ -1,5 +1,7 @@
 """The command line: outputs, and bad input as one line on stderr with a non-zero exit code."""
 
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -353,3 +355,54 @@ def test_missing_baseline_file_says_file_not_found(small_classifier, monkeypatch
                            tmp_path / "out")
     assert code == 1
     assert_one_line_error(code, err, "baseline nothere.png: file not found")
+
+
+class Terminal(io.StringIO):
+    """stdout and stderr as one terminal."""
+
+    def isatty(self):
+        return True
+
+
+def screen(text):
+    """The lines a terminal shows for `text` (carriage returns, erase to the end of line)."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = "", 0
+        for token in re.split(r"(\r|\x1b\[K)", raw):
+            if token == "\r":
+                column = 0
+            elif token == "\x1b[K":
+                line = line[:column]
+            else:
+                line = line[:column] + token + line[column + len(token):]
+                column += len(token)
+        lines.append(line)
+    return lines
+
+
+def test_result_lines_start_on_their_own_line_under_the_bar(small_classifier, monkeypatch):
+    """On a terminal the bar is drawn, and cleared before each result line (a result line
+    used to continue the bar's line)."""
+    tmp_path, model, photo = small_classifier
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "argv", ["onnxattr", "explain", str(photo), str(photo), "--model",
+                                      str(model), "--method", "integrated-gradients",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert "explaining  [" in terminal.getvalue()  # the bar was drawn
+    lines = [line for line in screen(terminal.getvalue()) if line]
+    results = [line for line in lines if not line.startswith("warning:")]
+    assert len(results) == 4, lines  # per image: the convergence line, the files written
+    assert all(line.startswith(str(photo)) for line in results), lines
+
+
+def test_no_bar_and_no_label_without_a_terminal(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                           tmp_path / "out")
+    assert code == 0 and err == ""
