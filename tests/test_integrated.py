@@ -431,6 +431,15 @@ def test_smoothed_titles():
     assert METHODS["integrated-gradients"].title == "Integrated Gradients"
 
 
+def test_integrated_gradients_reports_progress_per_chunk(small):
+    """One image's path images move the progress as each chunk is done (the CLI's bar stood
+    at 0% until the whole image was done)."""
+    shares = []
+    small["linear"].explain(IMAGES[0], method="integrated-gradients", steps=8, batch_size=2,
+                            progress=shares.append)
+    assert shares == [0.25, 0.5, 0.75, 1.0]
+
+
 # --- bad options -------------------------------------------------------------------------------
 
 
