@@ -246,7 +246,8 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
     sys.exit(1 if counts["failed"] else 0)
 
 
-@cli.command()
+@cli.command(short_help="Model-parameter randomization test (Adebayo et al. 2018) of "
+                        "the methods' maps.")
 @click.argument("image", type=click.Path(path_type=Path))
 @model_flags
 @click.option("--methods", default="gradient,guided-backprop", show_default=True,

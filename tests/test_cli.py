@@ -406,3 +406,12 @@ def test_no_bar_and_no_label_without_a_terminal(small_classifier, monkeypatch, c
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
                            tmp_path / "out")
     assert code == 0 and err == ""
+
+
+def test_help_lists_each_command_with_a_whole_summary(monkeypatch, capsys):
+    """click cuts a summary at its first period: sanity's stopped at "(Adebayo et al."."""
+    monkeypatch.setattr(sys, "argv", ["onnxattr", "--help"])
+    main()
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.strip().startswith("sanity")]
+    assert "Adebayo et al. 2018" in line, line
