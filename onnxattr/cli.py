@@ -100,7 +100,7 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
     if save_path and "integrated-gradients" not in methods:
         raise OnnxAttrError("--save-path needs --method integrated-gradients")
     check_output_folder(out_dir)
-    failed = 0
+    failed, said = 0, set()
     with ProgressBar(len(images) * len(methods) * BAR_STEPS, "explaining") as bar:
         for stem, image in zip(_unique_stems(images), images):
             try:
@@ -110,8 +110,21 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
             except OnnxAttrError as err:
                 failed += _report(err, image)
                 continue
+            finally:
+                _echo_builders(explainer, said)
             echo(f"{image}: " + ", ".join(str(p) for p in written))
     sys.exit(1 if failed else 0)
+
+
+def _echo_builders(explainer, said):
+    """One "builder:" line on stderr for each gradient builder the first time it has made a
+    graph (`said`: the builders already named)."""
+    if explainer.classifier.compiled:
+        return
+    for builder in dict.fromkeys(explainer.engine.builders_used.values()):
+        if builder not in said:
+            said.add(builder)
+            echo(f"builder: {explainer.engine.describe_builder(builder)}", err=True)
 
 
 def _applicable(explainer, methods, score):
@@ -291,6 +304,7 @@ def sanity(image, explainer, methods, mode, seeds, seed, grouping, distribution,
         result = sanity_check.run_sanity(explainer, image, methods, mode, seeds, seed, target,
                                          score, grouping, distribution, options,
                                          progress=bar.update)
+    _echo_builders(explainer, set())
     written = sanity_check.write_outputs(result, out_dir, Path(image).stem or "image")
     echo(sanity_check.format_table(result))
     echo(", ".join(str(p) for p in written))

@@ -50,6 +50,7 @@ class AttributionEngine:
         self.builder = check_builder(builder)
         self.precision = precision
         self.builders_used = {}  # (rule, score, layer) -> the builder that made that graph
+        self.last_builder = None  # the builder of the last gradient graph run
         self._forward_graphs = {}
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
         self._forward_session = None
@@ -113,6 +114,15 @@ class AttributionEngine:
             return graph
         raise refused[-1][1]
 
+    def describe_builder(self, builder):
+        """`builder`'s name, with why `auto` took the native builder: "native
+        (onnxruntime-training not installed)"."""
+        if self.builder != "auto" or builder != "native":
+            return builder
+        if "onnxruntime" not in candidates("auto"):
+            return "native (onnxruntime-training not installed)"
+        return "native (the onnxruntime builder cannot do this model: see the note)"
+
     def built_graph(self, builder, rule, score, layer=None):
         """The runnable gradient graph of one builder (from the cache, or built now). The
         cache key has the layer only when there is one, so image gradients keep their keys."""
@@ -168,4 +178,5 @@ class AttributionEngine:
         feeds = {self.classifier.input_name: pixels.astype(np.float32, copy=False), ONEHOT: onehot}
         wrt = layer or self.classifier.input_name
         outputs = [*([layer] if layer else []), gradient_output(wrt), PROB, LOGITS]
+        self.last_builder = self.builders_used[key]
         return tuple(self._gradient_sessions[key].run(feeds, outputs, batch_size))

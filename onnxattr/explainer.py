@@ -34,6 +34,9 @@ class Explanation:
     photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
     extras: dict = field(default_factory=dict)  # method-specific numbers (and a layer's name)
     render_defaults: dict = field(default_factory=dict)  # the method's own drawing defaults
+    # the gradient builder that made the method's graph ("onnxruntime" or "native"; None when
+    # the method runs no gradient graph of onnxattr's: occlusion, a compiled model)
+    builder: str | None = None
 
     @property
     def map(self):
@@ -174,6 +177,7 @@ class Explainer:
         pixels = self.pixels(images)
         prob, _ = self.engine.forward(pixels, batch_size)
         indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
+        self.engine.last_builder = None
         with np.errstate(all="ignore"):
             attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
                                                  progress=progress, **options)
@@ -186,7 +190,8 @@ class Explainer:
             Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
                         self.labels[i],
                         float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
-                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}))
+                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}),
+                        self.engine.last_builder)
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
         self._say_contract()
         return results[0] if single else results

@@ -396,7 +396,7 @@ def test_result_lines_start_on_their_own_line_under_the_bar(small_classifier, mo
     assert exit_info.value.code == 0
     assert "explaining  [" in terminal.getvalue()  # the bar was drawn
     lines = [line for line in screen(terminal.getvalue()) if line]
-    results = [line for line in lines if not line.startswith("warning:")]
+    results = [line for line in lines if not line.startswith(("warning:", "builder:"))]
     assert len(results) == 4, lines  # per image: the convergence line, the files written
     assert all(line.startswith(str(photo)) for line in results), lines
 
@@ -405,7 +405,7 @@ def test_no_bar_and_no_label_without_a_terminal(small_classifier, monkeypatch, c
     tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
                            tmp_path / "out")
-    assert code == 0 and err == ""
+    assert code == 0 and err.startswith("builder: ") and len(err.splitlines()) == 1, err
 
 
 def test_help_lists_each_command_with_a_whole_summary(monkeypatch, capsys):
@@ -415,3 +415,31 @@ def test_help_lists_each_command_with_a_whole_summary(monkeypatch, capsys):
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if line.strip().startswith("sanity")]
     assert "Adebayo et al. 2018" in line, line
+
+
+@pytest.mark.parametrize("choice, training, said", [
+    ("auto", True, "builder: onnxruntime"),
+    ("auto", False, "builder: native (onnxruntime-training not installed)"),
+    ("native", True, "builder: native"),
+])
+def test_one_builder_line_says_which_builder_ran(small_classifier, monkeypatch, capsys, choice,
+                                                 training, said):
+    """Which gradient builder made the maps, once per model (on Python 3.13 nothing said it)."""
+    import onnxattr.builders
+    if training and not onnxattr.builders.has_training_builder():
+        pytest.skip("needs onnxruntime-training")
+    monkeypatch.setattr(onnxattr.builders, "has_training_builder", lambda: training)
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, photo, "--model", model,
+                           "--method", "gradient,guided-backprop", "--builder", choice,
+                           "--out", tmp_path / "out")
+    assert code == 0
+    assert [line for line in err.splitlines() if line.startswith("builder:")] == [said], err
+
+
+def test_explanation_names_its_builder(small_classifier, builder):
+    from onnxattr import Explainer
+    tmp_path, model, photo = small_classifier
+    explainer = Explainer(model, builder=builder, cache_dir=tmp_path / "cache")
+    assert explainer.explain(photo, method="guided-backprop").builder == builder
+    assert explainer.explain(photo, method="occlusion").builder is None  # no gradient graph
