@@ -12,7 +12,7 @@ from .compile import CompiledEngine
 from .engine import AttributionEngine
 from .errors import OnnxAttrError, OnnxAttrNote
 from .figures import RenderOptions
-from .image import load_image, to_pixels
+from .image import check_fit, load_image, to_pixels
 from .methods import get_method
 from .model import load_model
 from .render import attribution_map
@@ -80,7 +80,8 @@ class Explainer:
                  mean=None, std=None, workers=None):
         provider_options(device, precision)  # a missing CUDA provider fails here, before images
         check_builder(builder)
-        check_counts(threads, workers)
+        check_counts(threads=threads, workers=workers)
+        check_fit(fit)
         self.model_path = str(model)
         self.classifier = load_model(model).with_contract(pixel_range, mean, std)
         if self.classifier.compiled:
@@ -168,9 +169,7 @@ class Explainer:
         if len(targets) != len(images):
             raise OnnxAttrError(f"{len(targets)} targets for {len(images)} images")
         chosen = get_method(method)
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
-            raise OnnxAttrError(f"batch_size must be a positive whole number, got {batch_size!r}")
+        check_counts(batch_size=batch_size)
         smooth = options.get("smooth")
         name = method if smooth is None else f"{smooth}-{method}"
         indices = [None if t is None else self.target_index(t) for t in targets]

@@ -217,10 +217,15 @@ def _from_array(array):
     return _decode(Image.fromarray(np.ascontiguousarray(array)), name)
 
 
+def check_fit(fit):
+    """Refuse a fit that is not one of FITS."""
+    if not isinstance(fit, str) or fit not in FITS:
+        raise OnnxAttrError(f"unknown fit {fit!r}: choose one of {', '.join(FITS)}")
+
+
 def _fit(image, size, fit):
     """Bring an RGB image to `size` = (H, W); an image already that size is used as is."""
-    if fit not in FITS:
-        raise OnnxAttrError(f"unknown fit {fit!r}: choose one of {', '.join(FITS)}")
+    check_fit(fit)
     height, width = size
     if image.size == (width, height):
         return image

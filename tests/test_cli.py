@@ -443,3 +443,23 @@ def test_explanation_names_its_builder(small_classifier, builder):
     explainer = Explainer(model, builder=builder, cache_dir=tmp_path / "cache")
     assert explainer.explain(photo, method="guided-backprop").builder == builder
     assert explainer.explain(photo, method="occlusion").builder is None  # no gradient graph
+
+
+@pytest.mark.parametrize("batch_size", [True, False, 0, -3, 2.0, "4"])
+def test_explain_refuses_a_batch_size_that_is_not_a_count(small_classifier, batch_size):
+    from onnxattr import Explainer
+    from onnxattr.errors import OnnxAttrError
+    tmp_path, model, photo = small_classifier
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    with pytest.raises(OnnxAttrError, match="batch_size must be a whole number of at least 1, "
+                                            f"got {re.escape(repr(batch_size))}"):
+        explainer.explain(photo, batch_size=batch_size)
+
+
+def test_explainer_refuses_an_unknown_fit_when_made(small_classifier):
+    from onnxattr import Explainer
+    from onnxattr.errors import OnnxAttrError
+    tmp_path, model, _ = small_classifier
+    with pytest.raises(OnnxAttrError, match="unknown fit 'zoom': choose one of stretch, "
+                                            "center-crop"):
+        Explainer(model, fit="zoom", cache_dir=tmp_path / "cache")
