@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,18 +20,19 @@ from .cli_flags import (
     render_flags,
     score_option,
 )
+from .cli_progress import ProgressBar, echo
 from .compile import compile_model
 from .errors import OnnxAttrError, OnnxAttrNote
 from .figures import save_integration_path, write_figures
 from .image import load_image
-from .integration import DEFAULT_STEPS
+from .integration import DEFAULT_STEPS, MAX_STEPS
 from .methods import (
     COMPLETENESS_TOLERANCE,
     METHODS,
     compilable_methods,
     get_method,
 )
-from .model import parse_numbers
+from .model import parse_numbers, parse_range
 from .prepare import SCORES
 
 BAR_STEPS = 100  # progress bar steps per method and image
@@ -56,10 +58,10 @@ def classify(images, explainer, top):
         except OnnxAttrError as err:
             failed += _report(err, image)
             continue
-        click.echo(f"{image}:")
+        echo(f"{image}:")
         for index, label, prob in ranked:
             named = "" if label == f"class {index}" else f" ({index})"  # unlabelled: no twice
-            click.echo(f"  {prob:7.4f}  {label}{named}")
+            echo(f"  {prob:7.4f}  {label}{named}")
     sys.exit(1 if failed else 0)
 
 
@@ -98,9 +100,8 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
     if save_path and "integrated-gradients" not in methods:
         raise OnnxAttrError("--save-path needs --method integrated-gradients")
     check_output_folder(out_dir)
-    failed = 0
-    with click.progressbar(length=len(images) * len(methods) * BAR_STEPS, label="explaining",
-                           file=sys.stderr) as bar:
+    failed, said = 0, set()
+    with ProgressBar(len(images) * len(methods) * BAR_STEPS, "explaining") as bar:
         for stem, image in zip(_unique_stems(images), images):
             try:
                 written = explain_one(explainer, image, methods, target, score,
@@ -109,8 +110,21 @@ def explain(images, explainer, methods, target, score, out_dir, save_raw, panel,
             except OnnxAttrError as err:
                 failed += _report(err, image)
                 continue
-            click.echo(f"{image}: " + ", ".join(str(p) for p in written))
+            finally:
+                _echo_builders(explainer, said)
+            echo(f"{image}: " + ", ".join(str(p) for p in written))
     sys.exit(1 if failed else 0)
+
+
+def _echo_builders(explainer, said):
+    """One "builder:" line on stderr for each gradient builder the first time it has made a
+    graph (`said`: the builders already named)."""
+    if explainer.classifier.compiled:
+        return
+    for builder in dict.fromkeys(explainer.engine.builders_used.values()):
+        if builder not in said:
+            said.add(builder)
+            echo(f"builder: {explainer.engine.describe_builder(builder)}", err=True)
 
 
 def _applicable(explainer, methods, score):
@@ -128,18 +142,25 @@ def _applicable(explainer, methods, score):
         kept.append(method)
     if skipped:
         names = ", ".join(method for method, _ in skipped)
-        click.echo(f"note: --method all leaves out {names}: {skipped[0][1]}", err=True)
+        echo(f"note: --method all leaves out {names}: {skipped[0][1]}", err=True)
     return kept
 
 
-def check_output_folder(out_dir):
-    """Refuse an --out that is a file or lies under one, before any work."""
+def check_output_folder(out_dir, flag="--out", given=None):
+    """Refuse an output folder that is a file, lies under one, or cannot be created or
+    written, before any work: a scratch folder made (and removed) in the nearest folder that
+    exists tells, even as root or on /proc, where os.access says yes. The error names `flag`
+    and what it was `given` (default: the folder)."""
+    given = out_dir if given is None else given
     for folder in (Path(out_dir), *Path(out_dir).parents):
         if folder.exists():
             if not folder.is_dir():
-                raise OnnxAttrError(f"--out {out_dir}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK):
-                raise OnnxAttrError(f"--out {out_dir}: {folder} is not writable")
+                raise OnnxAttrError(f"{flag} {given}: {folder} is a file, not a folder")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".onnxattr-", dir=folder))
+            except OSError as err:
+                raise OnnxAttrError(f"{flag} {given}: cannot create or write in {folder} "
+                                    f"({err.strerror or err})") from None
             return
 
 
@@ -185,7 +206,7 @@ def _echo_layer(image, result):
     """The layer a layer method used, with its size."""
     if "layer" in result.extras:
         height, width = result.cam.shape
-        click.echo(f"{image}: {result.method} at layer {result.layer} ({height}x{width})")
+        echo(f"{image}: {result.method} at layer {result.layer} ({height}x{width})")
 
 
 def _echo_completeness(image, result, settings):
@@ -194,10 +215,10 @@ def _echo_completeness(image, result, settings):
         return
     relative = result.relative_convergence_delta
     share = "" if relative is None else f", {relative:.2%} of S(I) - S(I0)"
-    click.echo(f"{image}: {result.method} convergence delta {result.convergence_delta:+.3g} = "
+    echo(f"{image}: {result.method} convergence delta {result.convergence_delta:+.3g} = "
                f"sum(attribution) - (S(I) - S(I0)){share} = {result.score_difference:.4g}")
     if relative is not None and relative > COMPLETENESS_TOLERANCE:
-        click.echo(f"warning: {image}: the attribution misses S(I) - S(I0) by {relative:.1%} "
+        echo(f"warning: {image}: the attribution misses S(I) - S(I0) by {relative:.1%} "
                    f"(over {COMPLETENESS_TOLERANCE:.0%}); use more --steps than "
                    f"{settings.get('steps', DEFAULT_STEPS)}", err=True)
 
@@ -225,21 +246,21 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
         explainer.target_index(target)  # a bad class fails once, before any work
     check_output_folder(out_dir)
     files = report.collect_inputs(paths, exclude=out_dir)
-    with click.progressbar(length=max(1, len(files) * len(methods)), label="auditing",
-                           file=sys.stderr) as bar:
+    with ProgressBar(len(files) * len(methods), "auditing") as bar:
         summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
                                    resume, bar.update, method_options)
     for entry in summary["images"]:
         if entry["status"] == "failed":
             where = "" if entry["file"] in entry["error"] else f"{entry['file']}: "
-            click.echo(f"failed: {where}{entry['error']}", err=True)
+            echo(f"failed: {where}{entry['error']}", err=True)
     counts = summary["counts"]
-    click.echo(f"{counts['done']} done ({counts['skipped']} from an earlier run), "
+    echo(f"{counts['done']} done ({counts['skipped']} from an earlier run), "
                f"{counts['failed']} failed; open {out_dir / 'index.html'}")
     sys.exit(1 if counts["failed"] else 0)
 
 
-@cli.command()
+@cli.command(short_help="Model-parameter randomization test (Adebayo et al. 2018) of "
+                        "the methods' maps.")
 @click.argument("image", type=click.Path(path_type=Path))
 @model_flags
 @click.option("--methods", default="gradient,guided-backprop", show_default=True,
@@ -260,7 +281,7 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
 @click.option("--target", help="Class index or label (default: the original top-1 class).")
 @click.option("--score", type=click.Choice(list(SCORES)), default="logit",
               show_default=True, help="Differentiate the logit or the softmax probability.")
-@click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(1),
+@click.option("--ig-steps", default=16, show_default=True, type=click.IntRange(2, MAX_STEPS),
               help="Integration steps of integrated-gradients (when it is among the methods).")
 @click.option("--out", "out_dir", default="sanity", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
@@ -279,14 +300,14 @@ def sanity(image, explainer, methods, mode, seeds, seed, grouping, distribution,
     modes = list(sanity_check.MODES) if mode == "both" else [mode]
     steps = len(sanity_check.parameter_layers(explainer.classifier.proto,
                                               explainer.classifier.logits_output, grouping))
-    with click.progressbar(length=len(methods) * (1 + seeds * steps * len(modes)),
-                           label="randomizing", file=sys.stderr) as bar:
+    with ProgressBar(len(methods) * (1 + seeds * steps * len(modes)), "randomizing") as bar:
         result = sanity_check.run_sanity(explainer, image, methods, mode, seeds, seed, target,
                                          score, grouping, distribution, options,
                                          progress=bar.update)
+    _echo_builders(explainer, set())
     written = sanity_check.write_outputs(result, out_dir, Path(image).stem or "image")
-    click.echo(sanity_check.format_table(result))
-    click.echo(", ".join(str(p) for p in written))
+    echo(sanity_check.format_table(result))
+    echo(", ".join(str(p) for p in written))
     sys.exit(0)
 
 
@@ -306,12 +327,13 @@ def compile_command(model, method, score, builder, pixel_range, mean, std, outpu
     """Write a portable attribution model (standard ONNX ops: stock onnxruntime, onnxruntime-gpu,
     onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
     get_method(method)
-    check_output_folder(output.parent)
-    classifier = open_explainer(model, "cpu", builder=builder, pixel_range=pixel_range,
+    check_output_folder(output.parent, "--output", output)
+    classifier = open_explainer(model, "cpu", builder=builder,
+                                pixel_range=parse_range(pixel_range, "--pixel-range"),
                                 mean=parse_numbers(mean, "--mean"),
                                 std=parse_numbers(std, "--std")).classifier
     compile_model(classifier, method, score, output, builder=builder)
-    click.echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
+    echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
 
 
 def _unique_stems(images):
@@ -327,14 +349,14 @@ def _unique_stems(images):
 def _report(err, image=None):
     """One error line on stderr (naming the image when the message does not); returns 1."""
     where = f"{image}: " if image is not None and str(image) not in str(err) else ""
-    click.echo(f"error: {where}{err}", err=True)
+    echo(f"error: {where}{err}", err=True)
     return 1
 
 
 def _show_note(message, category, filename, lineno, file=None, line=None):
     """Notes (OnnxAttrNote) as one "note:" line on stderr; other warnings likewise, once."""
     text = " ".join(str(message).split())
-    click.echo(f"{'note' if issubclass(category, OnnxAttrNote) else 'warning'}: {text}", err=True)
+    echo(f"{'note' if issubclass(category, OnnxAttrNote) else 'warning'}: {text}", err=True)
 
 
 def main():
@@ -344,7 +366,7 @@ def main():
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+        echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
@@ -352,11 +374,11 @@ def main():
     except OnnxAttrError as err:
         sys.exit(_report(err))
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        echo("interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("ONNXATTR_DEBUG"):
             raise
-        click.echo(f"internal error: {type(err).__name__}: {err} (set ONNXATTR_DEBUG=1 for "
+        echo(f"internal error: {type(err).__name__}: {err} (set ONNXATTR_DEBUG=1 for "
                    "the traceback)", err=True)
         sys.exit(70)

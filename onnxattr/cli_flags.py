@@ -11,9 +11,9 @@ from .builders import CHOICES as BUILDER_CHOICES
 from .errors import OnnxAttrError
 from .explainer import DEFAULT_MODEL, Explainer
 from .figures import RenderOptions
-from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES
+from .integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES, MAX_STEPS
 from .methods import DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS, SMOOTHINGS
-from .model import parse_numbers
+from .model import parse_numbers, parse_range
 from .prepare import SCORES
 from .runtime import PROVIDERS
 
@@ -50,7 +50,7 @@ def model_flags(command):
         kwargs["explainer"] = open_explainer(
             kwargs.pop("model"), kwargs.pop("device"), builder=kwargs.pop("builder"),
             precision="tf32" if kwargs.pop("tf32") else "float32",
-            pixel_range=kwargs.pop("pixel_range"),
+            pixel_range=parse_range(kwargs.pop("pixel_range"), "--pixel-range"),
             mean=parse_numbers(kwargs.pop("mean"), "--mean"),
             std=parse_numbers(kwargs.pop("std"), "--std"))
         return command(*args, **kwargs)
@@ -122,8 +122,8 @@ def _number(name, text):
 # Method flags: absent unless given, and each goes only to the methods that take it
 # (Method.options); a flag that none of the chosen methods takes is an error.
 METHOD_FLAGS = {
-    "steps": dict(type=int, help="integrated-gradients: integration steps, at least 2 "
-                                 f"[default: {DEFAULT_STEPS}]."),
+    "steps": dict(type=int, help="integrated-gradients: integration steps, 2 to "
+                                 f"{MAX_STEPS} [default: {DEFAULT_STEPS}]."),
     "rule": dict(type=click.Choice(list(INTEGRATION_RULES)),
                  help=f"integrated-gradients: integration rule [default: {DEFAULT_RULE}]."),
     "baseline": dict(help="integrated-gradients: black (default), white, blur, uniform (noise "

@@ -202,11 +202,19 @@ class CompiledEngine:
         return SessionPool(model, self.device, self.threads, self.precision, self.workers,
                            self.classifier.batch)
 
-    def forward(self, pixels, batch_size=None):
-        """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""
+    def open(self):
+        """Open the forward session now, so a model onnxruntime cannot load fails before any
+        image."""
+        self._forward_pool().open()
+
+    def _forward_pool(self):
         if self._forward_session is None:
             self._forward_session = self._make_session(forward_part(self.classifier.proto))
-        (values,) = self._forward_session.run({IMAGE: pixels.astype(np.float32, copy=False)},
+        return self._forward_session
+
+    def forward(self, pixels, batch_size=None):
+        """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""
+        (values,) = self._forward_pool().run({IMAGE: pixels.astype(np.float32, copy=False)},
                                               [self._class_output], batch_size)
         return self._both(values)
 

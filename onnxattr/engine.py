@@ -50,6 +50,7 @@ class AttributionEngine:
         self.builder = check_builder(builder)
         self.precision = precision
         self.builders_used = {}  # (rule, score, layer) -> the builder that made that graph
+        self.last_builder = None  # the builder of the last gradient graph run
         self._forward_graphs = {}
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
         self._forward_session = None
@@ -69,6 +70,16 @@ class AttributionEngine:
         return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
                            self.classifier.batch)
 
+    def open(self):
+        """Open the forward session now, so a model onnxruntime cannot load fails before any
+        image."""
+        self._forward_pool().open()
+
+    def _forward_pool(self):
+        if self._forward_session is None:
+            self._forward_session = self.session(self.forward_graph())
+        return self._forward_session
+
     def forward(self, pixels, batch_size=None, reuse=True):
         """Class probabilities and logits for pixels [N, C, H, W].
 
@@ -77,9 +88,7 @@ class AttributionEngine:
         """
         key = (pixels.shape, hashlib.blake2b(np.ascontiguousarray(pixels).tobytes()).digest())
         if self._last_forward[0] != key or not reuse:
-            if self._forward_session is None:
-                self._forward_session = self.session(self.forward_graph())
-            self._last_forward = (key, tuple(self._forward_session.run(
+            self._last_forward = (key, tuple(self._forward_pool().run(
                 {self.classifier.input_name: pixels}, [PROB, LOGITS], batch_size)))
         return self._last_forward[1]
 
@@ -104,6 +113,15 @@ class AttributionEngine:
             self.builders_used[(rule, score, layer)] = builder
             return graph
         raise refused[-1][1]
+
+    def describe_builder(self, builder):
+        """`builder`'s name, with why `auto` took the native builder: "native
+        (onnxruntime-training not installed)"."""
+        if self.builder != "auto" or builder != "native":
+            return builder
+        if "onnxruntime" not in candidates("auto"):
+            return "native (onnxruntime-training not installed)"
+        return "native (the onnxruntime builder cannot do this model: see the note)"
 
     def built_graph(self, builder, rule, score, layer=None):
         """The runnable gradient graph of one builder (from the cache, or built now). The
@@ -160,4 +178,5 @@ class AttributionEngine:
         feeds = {self.classifier.input_name: pixels.astype(np.float32, copy=False), ONEHOT: onehot}
         wrt = layer or self.classifier.input_name
         outputs = [*([layer] if layer else []), gradient_output(wrt), PROB, LOGITS]
+        self.last_builder = self.builders_used[key]
         return tuple(self._gradient_sessions[key].run(feeds, outputs, batch_size))

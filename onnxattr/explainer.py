@@ -12,7 +12,7 @@ from .compile import CompiledEngine
 from .engine import AttributionEngine
 from .errors import OnnxAttrError, OnnxAttrNote
 from .figures import RenderOptions
-from .image import load_image, to_pixels
+from .image import check_fit, load_image, to_pixels
 from .methods import get_method
 from .model import load_model
 from .render import attribution_map
@@ -34,6 +34,9 @@ class Explanation:
     photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
     extras: dict = field(default_factory=dict)  # method-specific numbers (and a layer's name)
     render_defaults: dict = field(default_factory=dict)  # the method's own drawing defaults
+    # the gradient builder that made the method's graph ("onnxruntime" or "native"; None when
+    # the method runs no gradient graph of onnxattr's: occlusion, a compiled model)
+    builder: str | None = None
 
     @property
     def map(self):
@@ -77,7 +80,8 @@ class Explainer:
                  mean=None, std=None, workers=None):
         provider_options(device, precision)  # a missing CUDA provider fails here, before images
         check_builder(builder)
-        check_counts(threads, workers)
+        check_counts(threads=threads, workers=workers)
+        check_fit(fit)
         self.model_path = str(model)
         self.classifier = load_model(model).with_contract(pixel_range, mean, std)
         if self.classifier.compiled:
@@ -85,6 +89,10 @@ class Explainer:
         else:
             self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir),
                                             threads, builder, precision, workers)
+        try:
+            self.engine.open()  # a graph onnxruntime refuses is the model's fault, said once
+        except OnnxAttrError as err:
+            raise OnnxAttrError(f"{self.model_path}: {err}") from None
         self.fit = fit
         self._contract_said = self.classifier.contract.stated or bool(self.classifier.compiled)
 
@@ -161,15 +169,14 @@ class Explainer:
         if len(targets) != len(images):
             raise OnnxAttrError(f"{len(targets)} targets for {len(images)} images")
         chosen = get_method(method)
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
-            raise OnnxAttrError(f"batch_size must be a positive whole number, got {batch_size!r}")
+        check_counts(batch_size=batch_size)
         smooth = options.get("smooth")
         name = method if smooth is None else f"{smooth}-{method}"
         indices = [None if t is None else self.target_index(t) for t in targets]
         pixels = self.pixels(images)
         prob, _ = self.engine.forward(pixels, batch_size)
         indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
+        self.engine.last_builder = None
         with np.errstate(all="ignore"):
             attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
                                                  progress=progress, **options)
@@ -182,7 +189,8 @@ class Explainer:
             Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
                         self.labels[i],
                         float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
-                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}))
+                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}),
+                        self.engine.last_builder)
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
         self._say_contract()
         return results[0] if single else results

@@ -82,6 +82,8 @@ def _read_file(path):
     """Check, open and decode an image file."""
     try:
         if not path.exists():
+            if path.is_symlink():
+                raise _error(path, "symlink cannot be resolved (a loop, or its target is missing)")
             raise _error(path, "file not found")
         if path.is_dir():
             raise _error(path, "is a directory, not an image file")
@@ -215,10 +217,15 @@ def _from_array(array):
     return _decode(Image.fromarray(np.ascontiguousarray(array)), name)
 
 
+def check_fit(fit):
+    """Refuse a fit that is not one of FITS."""
+    if not isinstance(fit, str) or fit not in FITS:
+        raise OnnxAttrError(f"unknown fit {fit!r}: choose one of {', '.join(FITS)}")
+
+
 def _fit(image, size, fit):
     """Bring an RGB image to `size` = (H, W); an image already that size is used as is."""
-    if fit not in FITS:
-        raise OnnxAttrError(f"unknown fit {fit!r}: choose one of {', '.join(FITS)}")
+    check_fit(fit)
     height, width = size
     if image.size == (width, height):
         return image

@@ -36,6 +36,9 @@ from .model import PIXEL_RANGE
 from .runtime import even_chunks
 
 DEFAULT_STEPS = 50
+# The most steps accepted: Gauss-Legendre's nodes cost O(steps^3) time and O(steps^2) memory
+# (numpy's leggauss: 27 s at 4000 steps on 2 cores, where 50-300 steps is the usual range).
+MAX_STEPS = 4096
 DEFAULT_RULE = "gausslegendre"
 BLUR_SIGMA_FRACTION = 0.1
 # The largest constant baseline accepted: far outside 0..255 already, and far from float32's
@@ -78,8 +81,10 @@ def integration_rule(rule=DEFAULT_RULE, steps=DEFAULT_STEPS):
     if not isinstance(rule, str) or rule not in INTEGRATION_RULES:
         raise OnnxAttrError(f"unknown integration rule {rule!r} (choose from "
                             f"{', '.join(INTEGRATION_RULES)})")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
-        raise OnnxAttrError(f"steps must be a whole number of at least 2, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
+            or not 2 <= steps <= MAX_STEPS:
+        raise OnnxAttrError(f"steps must be a whole number of at least 2 and at most "
+                            f"{MAX_STEPS}, got {steps!r}")
     return INTEGRATION_RULES[rule](int(steps))
 
 
@@ -139,7 +144,7 @@ def make_baselines(baseline, pixels, value_range=PIXEL_RANGE, seed=None):
     elif (number := _number(baseline)) is not None:
         values = number
     elif isinstance(baseline, (np.ndarray, Image.Image, os.PathLike)) or (
-            isinstance(baseline, str) and os.path.exists(baseline)):
+            isinstance(baseline, str) and (os.path.lexists(baseline) or _image_suffix(baseline))):
         values = _baseline_image(baseline, pixels.shape[1:])
     else:
         raise OnnxAttrError(f"unknown baseline {baseline!r} (choose {', '.join(BASELINES)}, a "
@@ -164,6 +169,12 @@ def _number(value):
     return None
 
 
+def _image_suffix(name):
+    """Whether `name` ends like an image file (.png, .jpg...): a missing one is a file not
+    found, not an unknown baseline."""
+    return os.path.splitext(name)[1].lower() in Image.registered_extensions()
+
+
 def _baseline_image(source, shape):
     """A baseline image as float pixels `shape` (C, H, W); refuses any other size."""
     channels, height, width = shape
@@ -175,7 +186,10 @@ def _baseline_image(source, shape):
         pixels = source.astype(np.float64)
         size = source.shape[2], source.shape[1]
     else:
-        image = load_image(source)
+        try:
+            image = load_image(source)
+        except OnnxAttrError as err:
+            raise OnnxAttrError(f"baseline {err}") from None
         size = image.size
         pixels = to_pixels(image, image.size[::-1])
     if size != (width, height):

@@ -10,7 +10,8 @@ says otherwise (`render`: RenderOptions fields, e.g. Grad-CAM as an overlay). Th
 gradient-like methods come from the ReLU rule table itself (relu_rules.RELU_RULES, read live:
 a new rule is a new method with nothing else to touch); the others are one function and one
 entry of `OTHER_METHODS`; their keyword-only parameters are their options. A method that can
-say how far it is (occlusion: hundreds of forward passes) also takes `progress`, a callable
+say how far it is (occlusion: hundreds of forward passes; integrated gradients: its path
+images' chunks) also takes `progress`, a callable
 of the share of its work done; that is not an option. The CLI's and compile's choices derive
 from here.
 
@@ -212,11 +213,12 @@ def input_x_gradient(engine, pixels, targets, score, batch_size):
     return pixels * gradient, [{} for _ in pixels]
 
 
-def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DEFAULT_STEPS,
-                         baseline="black", rule=DEFAULT_RULE, seed=None):
+def integrated_gradients(engine, pixels, targets, score, batch_size, progress=None, *,
+                         steps=DEFAULT_STEPS, baseline="black", rule=DEFAULT_RULE, seed=None):
     """(I - I0) * sum_k w_k dS/dI(I0 + a_k (I - I0)), the rule's (a_k, w_k) (integration.py).
 
-    Path images of all images are made and run `batch_size` at a time. Extras per image:
+    Path images of all images are made and run `batch_size` at a time, `progress(share
+    done)` called after each chunk. Extras per image:
     `convergence_delta` = sum(attribution) - (S(I) - S(I0)) (signed, in score units),
     `relative_convergence_delta` = |delta| / |S(I) - S(I0)| (None where S(I) = S(I0) to float32
     precision) and `score_difference` S(I) - S(I0),
@@ -225,12 +227,16 @@ def integrated_gradients(engine, pixels, targets, score, batch_size, *, steps=DE
     alphas, weights = integration_rule(rule, steps)
     baselines = make_baselines(baseline, pixels, PIXEL_RANGE, _checked_seed(seed))
     mean_gradient = np.zeros(pixels.shape)
+    total, done = len(pixels) * len(alphas), 0
     for image, step, path in path_chunks(pixels, baselines, alphas, batch_size or CHUNK):
         gradient, _, _ = engine.gradient(path, targets[image], VANILLA, score,
                                          batch_size or CHUNK)
         for n in np.unique(image):
             rows = image == n
             mean_gradient[n] += np.tensordot(weights[step[rows]], gradient[rows], axes=1)
+        done += len(image)
+        if progress is not None:
+            progress(done / total)
     attribution = (pixels.astype(np.float64) - baselines) * mean_gradient
     scores = engine.target_scores(np.concatenate([pixels, baselines]), np.tile(targets, 2),
                                   score, batch_size)

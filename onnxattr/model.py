@@ -74,35 +74,41 @@ def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None
     number or one per channel, in the model's range). Without either, RGB 0..255."""
     stated = dict(metadata_contract or {})
     given = any(v is not None for v in (pixel_range, mean, std))
-    values = {
-        "range": _range(pixel_range) if pixel_range is not None else stated.get("range",
-                                                                                PIXEL_RANGE),
-        "mean": mean if mean is not None else stated.get("mean", 0.0),
-        "std": std if std is not None else stated.get("std", 1.0),
-    }
-    try:
-        low, high = (float(v) for v in values["range"])
-        mean = tuple(float(v) for v in np.broadcast_to(np.asarray(values["mean"], float), 3))
-        std = tuple(float(v) for v in np.broadcast_to(np.asarray(values["std"], float), 3))
-    except (TypeError, ValueError):
-        raise OnnxAttrError(f"bad pixel contract {values}: range is two numbers, mean and std "
-                            "one number or three") from None
-    if not (np.isfinite([low, high, *mean, *std]).all() and high > low):
-        raise OnnxAttrError(f"bad pixel range {low:g}..{high:g}: two finite numbers, low < high")
+    low, high = _finite("pixel range", parse_range(pixel_range) if pixel_range is not None
+                        else stated.get("range", PIXEL_RANGE), "two")
+    mean = _finite("mean", mean if mean is not None else stated.get("mean", 0.0), "one or three")
+    std = _finite("std", std if std is not None else stated.get("std", 1.0), "one or three")
+    if not high > low:
+        raise OnnxAttrError(f"bad pixel range {low:g}..{high:g}: low < high")
     if min(std) <= 0:
         raise OnnxAttrError(f"std must be positive, got {', '.join(f'{s:g}' for s in std)}")
     return PixelContract((low, high), mean, std, stated=given or bool(stated))
 
 
-def _range(text):
-    if isinstance(text, str):
-        parts = text.replace(",", "..").split("..")
-        try:
-            return tuple(float(p) for p in parts) if len(parts) == 2 else None
-        except ValueError:
-            raise OnnxAttrError(f"pixel range must look like 0..1 or 0..255, got {text!r}"
-                                ) from None
-    return tuple(text)
+def _finite(name, value, count):
+    """`value` as a tuple of finite floats, `count` "two" (a range) or "one or three" (per
+    channel: one number is used for the three channels); else an error naming `name`."""
+    try:
+        values = np.asarray(value, float).ravel()
+    except (TypeError, ValueError):
+        values = None
+    sizes = (2,) if count == "two" else (1, 3)
+    if values is None or len(values) not in sizes or not np.isfinite(values).all():
+        raise OnnxAttrError(f"{name} must be {count} finite numbers, got {value!r}")
+    return tuple(float(v) for v in np.broadcast_to(values, max(sizes)))
+
+
+def parse_range(text, what="pixel range"):
+    """"0..1" (or "0,1") -> (0.0, 1.0); a pair stays as it is; None stays None."""
+    if not isinstance(text, str):
+        return text
+    try:
+        values = tuple(float(part) for part in text.replace(",", "..").split(".."))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not np.isfinite(values).all():
+        raise OnnxAttrError(f"{what} must look like 0..1 or 0..255, got {text!r}")
+    return values
 
 
 def parse_numbers(text, what):
@@ -116,6 +122,8 @@ def parse_numbers(text, what):
                             f"{text!r}") from None
     if len(values) not in (1, 3):
         raise OnnxAttrError(f"{what} must be one number or three, got {len(values)}")
+    if not np.isfinite(values).all():
+        raise OnnxAttrError(f"{what} must be finite numbers, got {text!r}")
     return values
 
 

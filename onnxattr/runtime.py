@@ -125,10 +125,10 @@ def default_workers(device, threads=None):
     return 2 if device == "cpu" and cpu_threads(threads) >= 2 else 1
 
 
-def check_counts(threads=None, workers=None):
-    """Refuse a thread or worker count that is not a whole number of at least 1 (None: the
-    default)."""
-    for name, value in (("threads", threads), ("workers", workers)):
+def check_counts(**counts):
+    """Refuse a count (threads=, workers=, batch_size=...) that is not a whole number of at
+    least 1 (None: the default); a bool is no count."""
+    for name, value in counts.items():
         whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
         if value is not None and (not whole or value < 1):
             raise OnnxAttrError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -159,6 +159,11 @@ class SessionPool:
         self.workers = workers or default_workers(device, threads)
         self._whole = None
         self._parts = []
+
+    def open(self):
+        """Make the session with all the threads now: a graph onnxruntime cannot load fails
+        here, not at the first run."""
+        self._whole_session()
 
     def _whole_session(self):
         if self._whole is None:

@@ -1,7 +1,10 @@
 """The command line: outputs, and bad input as one line on stderr with a non-zero exit code."""
 
+import io
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -254,3 +257,209 @@ def test_unlabelled_models_say_so(small_classifier, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--target",
                            "tabby cat", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "the model has no class names", "class index 0..4")
+
+
+def test_steps_over_the_maximum_is_one_line(small_classifier, monkeypatch, capsys):
+    """A huge --steps is refused in one line (it was a MemoryError in the Gauss-Legendre rule,
+    exit 70)."""
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--method",
+                           "integrated-gradients", "--steps", "1000000000", "--out",
+                           tmp_path / "out")
+    assert code == 1
+    assert_one_line_error(code, err, "steps must be a whole number", "at most 4096",
+                          "1000000000")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_that_cannot_be_created_is_one_line(small_classifier, monkeypatch, capsys):
+    """An --out that cannot be made (under /proc, where even root cannot) is one line naming
+    it, before any work (it was an internal error, exit 70)."""
+    tmp_path, model, photo = small_classifier
+    code, out, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                             "/proc/onnxattr-forbidden")
+    assert code == 1 and not out
+    assert_one_line_error(code, err, "--out /proc/onnxattr-forbidden", "cannot create")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--std", "nan"], "--std must be finite numbers, got 'nan'"),
+    (["--mean", "nan"], "--mean must be finite numbers, got 'nan'"),
+    (["--pixel-range", "abc"], "--pixel-range must look like 0..1 or 0..255, got 'abc'"),
+    (["--pixel-range", "0-1"], "--pixel-range must look like 0..1 or 0..255, got '0-1'"),
+    (["--pixel-range", "0..inf"], "--pixel-range must look like 0..1 or 0..255"),
+])
+def test_bad_pixel_contract_flags_name_the_flag(small_classifier, monkeypatch, capsys, flags,
+                                                problem):
+    """Each contract flag's bad value is blamed on that flag (a NaN std said "bad pixel
+    range", a range without ".." printed the contract as a dict)."""
+    _, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo, "--model", model, *flags)
+    assert code == 1
+    assert_one_line_error(code, err, problem)
+
+
+def unknown_op():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.node[2].op_type = "FooBar"
+    del model.graph.node[2].attribute[:]
+    return model
+
+
+def too_new_opset():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.opset_import[0].version = 99
+    return model
+
+
+def cycle():
+    model = small_models.conv_relu_maxpool_lrn()
+    model.graph.node[1].input[0] = "n1"  # relu1 reads lrn1's output, which depends on relu1
+    return model
+
+
+@pytest.mark.parametrize("make, problem", [
+    (unknown_op, "FooBar"),
+    (too_new_opset, "Opset 99"),
+    (cycle, "not acyclic"),
+])
+def test_model_onnxruntime_cannot_load_is_blamed_on_the_model(small_classifier, monkeypatch,
+                                                              capsys, make, problem):
+    """A graph onnxruntime refuses fails once, naming the model, before any image (it was
+    reported per image, as if the photo were at fault)."""
+    tmp_path, _, photo = small_classifier
+    path = tmp_path / "bad.onnx"
+    onnx.save(make(), path)
+    code, _, err = run_cli(monkeypatch, capsys, "classify", photo, photo, "--model", path)
+    assert_one_line_error(code, err, f"error: {path}: onnxruntime cannot load the graph",
+                          problem)
+    assert "photo.png" not in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_compile_output_that_cannot_be_written_names_output(small_classifier, monkeypatch,
+                                                            capsys):
+    _, model, _ = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "compile", model, "--output",
+                           "/proc/onnxattr-forbidden/a.onnx")
+    assert code == 1
+    assert_one_line_error(code, err, "error: --output /proc/onnxattr-forbidden/a.onnx: "
+                          "cannot create or write in /proc")
+
+
+def test_missing_baseline_file_says_file_not_found(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--method",
+                           "integrated-gradients", "--baseline", "nothere.png", "--out",
+                           tmp_path / "out")
+    assert code == 1
+    assert_one_line_error(code, err, "baseline nothere.png: file not found")
+
+
+class Terminal(io.StringIO):
+    """stdout and stderr as one terminal."""
+
+    def isatty(self):
+        return True
+
+
+def screen(text):
+    """The lines a terminal shows for `text` (carriage returns, erase to the end of line)."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = "", 0
+        for token in re.split(r"(\r|\x1b\[K)", raw):
+            if token == "\r":
+                column = 0
+            elif token == "\x1b[K":
+                line = line[:column]
+            else:
+                line = line[:column] + token + line[column + len(token):]
+                column += len(token)
+        lines.append(line)
+    return lines
+
+
+def test_result_lines_start_on_their_own_line_under_the_bar(small_classifier, monkeypatch):
+    """On a terminal the bar is drawn, and cleared before each result line (a result line
+    used to continue the bar's line)."""
+    tmp_path, model, photo = small_classifier
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "argv", ["onnxattr", "explain", str(photo), str(photo), "--model",
+                                      str(model), "--method", "integrated-gradients",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert "explaining  [" in terminal.getvalue()  # the bar was drawn
+    lines = [line for line in screen(terminal.getvalue()) if line]
+    results = [line for line in lines if not line.startswith(("warning:", "builder:"))]
+    assert len(results) == 4, lines  # per image: the convergence line, the files written
+    assert all(line.startswith(str(photo)) for line in results), lines
+
+
+def test_no_bar_and_no_label_without_a_terminal(small_classifier, monkeypatch, capsys):
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                           tmp_path / "out")
+    assert code == 0 and err.startswith("builder: ") and len(err.splitlines()) == 1, err
+
+
+def test_help_lists_each_command_with_a_whole_summary(monkeypatch, capsys):
+    """click cuts a summary at its first period: sanity's stopped at "(Adebayo et al."."""
+    monkeypatch.setattr(sys, "argv", ["onnxattr", "--help"])
+    main()
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.strip().startswith("sanity")]
+    assert "Adebayo et al. 2018" in line, line
+
+
+@pytest.mark.parametrize("choice, training, said", [
+    ("auto", True, "builder: onnxruntime"),
+    ("auto", False, "builder: native (onnxruntime-training not installed)"),
+    ("native", True, "builder: native"),
+])
+def test_one_builder_line_says_which_builder_ran(small_classifier, monkeypatch, capsys, choice,
+                                                 training, said):
+    """Which gradient builder made the maps, once per model (on Python 3.13 nothing said it)."""
+    import onnxattr.builders
+    if training and not onnxattr.builders.has_training_builder():
+        pytest.skip("needs onnxruntime-training")
+    monkeypatch.setattr(onnxattr.builders, "has_training_builder", lambda: training)
+    tmp_path, model, photo = small_classifier
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, photo, "--model", model,
+                           "--method", "gradient,guided-backprop", "--builder", choice,
+                           "--out", tmp_path / "out")
+    assert code == 0
+    assert [line for line in err.splitlines() if line.startswith("builder:")] == [said], err
+
+
+def test_explanation_names_its_builder(small_classifier, builder):
+    from onnxattr import Explainer
+    tmp_path, model, photo = small_classifier
+    explainer = Explainer(model, builder=builder, cache_dir=tmp_path / "cache")
+    assert explainer.explain(photo, method="guided-backprop").builder == builder
+    assert explainer.explain(photo, method="occlusion").builder is None  # no gradient graph
+
+
+@pytest.mark.parametrize("batch_size", [True, False, 0, -3, 2.0, "4"])
+def test_explain_refuses_a_batch_size_that_is_not_a_count(small_classifier, batch_size):
+    from onnxattr import Explainer
+    from onnxattr.errors import OnnxAttrError
+    tmp_path, model, photo = small_classifier
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    with pytest.raises(OnnxAttrError, match="batch_size must be a whole number of at least 1, "
+                                            f"got {re.escape(repr(batch_size))}"):
+        explainer.explain(photo, batch_size=batch_size)
+
+
+def test_explainer_refuses_an_unknown_fit_when_made(small_classifier):
+    from onnxattr import Explainer
+    from onnxattr.errors import OnnxAttrError
+    tmp_path, model, _ = small_classifier
+    with pytest.raises(OnnxAttrError, match="unknown fit 'zoom': choose one of stretch, "
+                                            "center-crop"):
+        Explainer(model, fit="zoom", cache_dir=tmp_path / "cache")

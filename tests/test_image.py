@@ -69,6 +69,13 @@ def test_missing_file(tmp_path):
     expect_error(str(path), str(path), "not found")
 
 
+@pytest.mark.parametrize("target", ["loop.png", "gone.png"])
+def test_unresolvable_symlink_is_not_a_missing_file(tmp_path, target):
+    path = tmp_path / "loop.png"
+    path.symlink_to(tmp_path / target)
+    expect_error(path, str(path), "symlink cannot be resolved (a loop, or its target is missing)")
+
+
 def test_directory(tmp_path):
     expect_error(tmp_path, str(tmp_path), "directory")
 

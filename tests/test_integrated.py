@@ -184,6 +184,7 @@ def test_baseline_list_gives_one_per_image():
 
 @pytest.mark.parametrize("spec, problem", [
     ("balck", "unknown baseline 'balck'"),
+    ("nothere.jpg", "baseline nothere.jpg: file not found"),
     ("nan", "finite"),
     ("1e40", "baseline 1e\\+40 is not a finite pixel value within ±1e\\+06"),
     (-2e6, "baseline -2000000.0 is not a finite pixel value"),
@@ -427,11 +428,21 @@ def test_smoothed_titles():
     assert METHODS["integrated-gradients"].title == "Integrated Gradients"
 
 
+def test_integrated_gradients_reports_progress_per_chunk(small):
+    """One image's path images move the progress as each chunk is done (the CLI's bar stood
+    at 0% until the whole image was done)."""
+    shares = []
+    small["linear"].explain(IMAGES[0], method="integrated-gradients", steps=8, batch_size=2,
+                            progress=shares.append)
+    assert shares == [0.25, 0.5, 0.75, 1.0]
+
+
 # --- bad options -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method, options, problem", [
     ("integrated-gradients", dict(steps=1), "steps must be a whole number of at least 2"),
+    ("integrated-gradients", dict(steps=10**9), "steps must be .* at most 4096"),
     ("integrated-gradients", dict(rule="simpson"), "unknown integration rule"),
     ("integrated-gradients", dict(baseline="grey"), "unknown baseline 'grey'"),
     ("integrated-gradients", dict(baseline=np.zeros((3, 4, 4))), "must be the model's input size"),
@@ -488,7 +499,7 @@ def test_cli_steps_1_is_a_one_line_error(onnxattr_cli):
     assert code not in (0, None) and "Traceback" not in err
     (line,) = error_lines(err)
     assert line.startswith("error: ") and line.endswith(
-        "p.png: steps must be a whole number of at least 2, got 1")
+        "p.png: steps must be a whole number of at least 2 and at most 4096, got 1")
 
 
 @pytest.mark.parametrize("args, problem", [

@@ -304,7 +304,9 @@ def test_unstated_contract_is_assumed_and_said(tmp_path):
     (dict(pixel_range="0..x"), "pixel range must look like 0..1"),
     (dict(pixel_range="1..0"), "low < high"),
     (dict(std=(0.2, 0.0, 0.2)), "std must be positive"),
-    (dict(mean=(1, 2)), "mean and std one number or three"),
+    (dict(mean=(1, 2)), r"mean must be one or three finite numbers, got \(1, 2\)"),
+    (dict(std=float("nan")), "std must be one or three finite numbers, got nan"),
+    (dict(mean=(0, "x", 0)), "mean must be one or three finite numbers"),
 ])
 def test_bad_contract_is_refused(tmp_path, options, problem):
     path = small_models.save(labelled(normalised_model()), tmp_path / "m.onnx")
