@@ -24,6 +24,7 @@ from .cli_progress import ProgressBar, echo
 from .compile import compile_model
 from .errors import OnnxAttrError, OnnxAttrNote
 from .figures import save_integration_path, write_figures
+from .files import WriteError
 from .image import load_image
 from .integration import DEFAULT_STEPS, MAX_STEPS
 from .methods import (
@@ -249,13 +250,14 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
     with ProgressBar(len(files) * len(methods), "auditing") as bar:
         summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
                                    resume, bar.update, method_options)
+    _echo_builders(explainer, set())
     for entry in summary["images"]:
         if entry["status"] == "failed":
             where = "" if entry["file"] in entry["error"] else f"{entry['file']}: "
             echo(f"failed: {where}{entry['error']}", err=True)
     counts = summary["counts"]
     echo(f"{counts['done']} done ({counts['skipped']} from an earlier run), "
-               f"{counts['failed']} failed; open {out_dir / 'index.html'}")
+         f"{counts['failed']} failed; open {out_dir / 'index.html'}")
     sys.exit(1 if counts["failed"] else 0)
 
 
@@ -371,7 +373,7 @@ def main():
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except OnnxAttrError as err:
+    except (OnnxAttrError, WriteError) as err:  # WriteError: a full disk, a read-only folder
         sys.exit(_report(err))
     except KeyboardInterrupt:
         echo("interrupted", err=True)
@@ -380,5 +382,5 @@ def main():
         if os.environ.get("ONNXATTR_DEBUG"):
             raise
         echo(f"internal error: {type(err).__name__}: {err} (set ONNXATTR_DEBUG=1 for "
-                   "the traceback)", err=True)
+             "the traceback)", err=True)
         sys.exit(70)

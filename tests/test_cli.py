@@ -463,3 +463,22 @@ def test_explainer_refuses_an_unknown_fit_when_made(small_classifier):
     with pytest.raises(OnnxAttrError, match="unknown fit 'zoom': choose one of stretch, "
                                             "center-crop"):
         Explainer(model, fit="zoom", cache_dir=tmp_path / "cache")
+
+
+def test_a_failed_write_is_one_line_not_an_internal_error(small_classifier, monkeypatch, capsys):
+    """A full disk while explain writes its figures: one error line naming the file, exit 1."""
+    tmp_path, model, photo = small_classifier
+    import errno
+
+    import onnxattr.files as files
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", model, "--out",
+                           tmp_path / "out")
+    errors = [line for line in err.splitlines() if line.startswith(("error", "internal"))]
+    assert code == 1 and len(errors) == 1, err
+    assert "cannot write" in errors[0] and "No space left on device" in errors[0]
+    assert "Traceback" not in err
