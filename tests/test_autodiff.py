@@ -291,7 +291,7 @@ def test_modified_rules_refuse_other_rectifiers_and_graphs_without_relu():
         with pytest.raises(OnnxAttrError, match="LeakyRelu 'leaky'.*use the plain gradient"):
             build_native_gradient(model, "x", relu_rule=rule)
     build_native_gradient(model, "x")  # the plain gradient is fine
-    no_relu = rectifier_model(lambda x, y: [helper.make_node("Tanh", [x], [y])],
+    no_relu = rectifier_model(lambda x, y: [helper.make_node("Neg", [x], [y])],
                               extra_relu=False)
     with pytest.raises(OnnxAttrError, match="no Relu between 'x' and 'score'"):
         build_native_gradient(no_relu, "x", relu_rule="guided")

@@ -246,7 +246,7 @@ def test_per_image_errors_name_the_image(small_classifier, monkeypatch, capsys):
     path = small_models.save(no_relu_classifier(), tmp_path / "sigmoid.onnx")
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, "--model", path, "--method",
                            "guided-backprop", "--out", tmp_path / "out")
-    assert_one_line_error(code, err, f"error: {photo}: ", "has no Relu")
+    assert_one_line_error(code, err, f"error: {photo}: ", "ReLU backward rule")
 
 
 def test_unlabelled_models_say_so(small_classifier, monkeypatch, capsys):

@@ -16,8 +16,9 @@ import small_models
 PACKAGE = Path(__file__).resolve().parents[1] / "onnxattr"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
-# the one allowed function-local import: onnxruntime under a hidden torch (runtime.py)
-LOCAL_IMPORTS_ALLOWED = {("runtime.py", "onnxruntime")}
+# the allowed function-local imports: onnxruntime under a hidden torch (runtime.py), and fcntl
+# where the audit's folder lock is taken (files.py: POSIX only, so the package imports anywhere)
+LOCAL_IMPORTS_ALLOWED = {("runtime.py", "onnxruntime"), ("files.py", "fcntl")}
 
 
 def modules():
