@@ -135,7 +135,7 @@ def model_path(args, name):
     if name != "googlenet":
         return args.out / f"{name}.onnx"
     if not args.model.exists():
-        from onnxattr import caffe
+        from onnxattr.io import caffe
 
         caffe.export(args.caffe, args.model)
     return args.model
@@ -188,7 +188,7 @@ class OnnxattrSide:
     def method(self, name, batch_size=None, **options):
         """A method on the decoded pixels, as the gradient cases call the engine: no image
         decoding or figure data in the time."""
-        from onnxattr.methods import METHODS
+        from onnxattr.methods.table import METHODS
 
         attribution, _ = METHODS[name].compute(self.engine, self.pixels, np.array(self.targets),
                                                "prob", batch_size, **options)
@@ -294,7 +294,7 @@ def child(args):
 
 def _captum_only_state(args, name, module):
     """Captum's side without loading onnxattr's runtime: the same pixels and target."""
-    from onnxattr.image import load_pixels
+    from onnxattr.io.image import load_pixels
 
     pixels = load_pixels(PHOTO, (224, 224))[None]
     state = CaptumSide(args, name, module, pixels, 0)

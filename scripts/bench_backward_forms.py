@@ -1,4 +1,4 @@
-"""Time the candidate forms of onnxattr/backward_forms.py on onnxruntime (CPU, GoogLeNet's layer
+"""Time the candidate forms of onnxattr/graph/backward_forms.py on onnxruntime (CPU, GoogLeNet's layer
 sizes, batch 1): medians of interleaved runs, the ratio to the first form, and the largest
 difference between forms (they must agree exactly, or to float rounding for convolutions).
 
@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxattr import backward_forms as forms
-from onnxattr.autodiff import build_native_gradient
-from onnxattr.graph import Emitter, GraphEditor
-from onnxattr.lowering import lower_graph
-from onnxattr.model import load_model
-from onnxattr.prepare import TRAINING_FIXES, add_score_head, prepare_forward
-from onnxattr.training import training_builder_graph
+from onnxattr.graph import backward_forms as forms
+from onnxattr.graph.autodiff import build_native_gradient
+from onnxattr.graph.lowering import lower_graph
+from onnxattr.graph.prepare import TRAINING_FIXES, add_score_head, prepare_forward
+from onnxattr.graph.toolkit import Emitter, GraphEditor
+from onnxattr.graph.training import training_builder_graph
+from onnxattr.io.model import load_model
 
 # name: (batch, in channels, out channels, size, kernel, stride, pad)
 CONV_LAYERS = {
@@ -241,7 +241,7 @@ def main():
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--only", choices=["conv", "pool", "relu", "googlenet"])
     parser.add_argument("--googlenet", metavar="ONNX",
-                        help="an exported BVLC GoogLeNet (onnxattr.caffe.export) to time whole "
+                        help="an exported BVLC GoogLeNet (onnxattr.io.caffe.export) to time whole "
                              "gradient graphs")
     args = parser.parse_args()
     onnxruntime.set_default_logger_severity(3)

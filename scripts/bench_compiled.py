@@ -58,13 +58,13 @@ def median_time(call, repeats):
 def measure(args):
     """The numbers of the table, as a dict."""
     sys.path.insert(0, str(REPO))
-    from onnxattr import caffe
-    from onnxattr.builders import GraphCache
-    from onnxattr.compile import compile_model
-    from onnxattr.engine import AttributionEngine
-    from onnxattr.image import load_pixels
-    from onnxattr.model import load_model
-    from onnxattr.runtime import make_session
+    from onnxattr.graph.builders import GraphCache
+    from onnxattr.graph.engine import AttributionEngine
+    from onnxattr.graph.runtime import make_session
+    from onnxattr.io import caffe
+    from onnxattr.io.image import load_pixels
+    from onnxattr.io.model import load_model
+    from onnxattr.methods.compile import compile_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_compiled."))
     model = args.model

@@ -1,7 +1,7 @@
 """Time backward forms that were tried for issue 14 and not kept, against the form onnxattr
 emits (onnxruntime CPU, batch 1, medians of interleaved runs; every candidate's outputs are
 compared with the kept form's: "equal" bit for bit, else the largest difference). The kept
-forms are in onnxattr/backward_forms.py; this script is the record of why the others lost.
+forms are in onnxattr/graph/backward_forms.py; this script is the record of why the others lost.
 
     python scripts/bench_rejected_forms.py [--threads 1] [--runs 21]
         [--only strided|gate|scatter|sums] [--googlenet models/googlenet.onnx]
@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_backward_forms import build, compare  # noqa: E402
 
-from onnxattr import backward_forms as forms  # noqa: E402
-from onnxattr.runtime import onnxruntime  # noqa: E402
+from onnxattr.graph import backward_forms as forms  # noqa: E402
+from onnxattr.graph.runtime import onnxruntime  # noqa: E402
 
 node = helper.make_node
 # name: (out channels M, in channels C, kernel, stride, pad, input size, group); every layer
@@ -242,7 +242,7 @@ def merged_pointwise_adjoints(graph):
 
 def bench_sums(args):
     from onnxattr import Explainer
-    from onnxattr.prepare import ONEHOT
+    from onnxattr.graph.prepare import ONEHOT
 
     explainer = Explainer(args.googlenet, builder="native", threads=args.threads)
     engine = explainer.engine

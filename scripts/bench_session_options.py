@@ -7,7 +7,7 @@ variants taking turns, and the median of their medians (peak: the largest). Vari
 
     default        onnxattr's sessions (memory arena on, memory pattern off, ORT_ENABLE_ALL;
                    on 2 or more cores two worker sessions, each with half the threads, run
-                   the halves of a chunk at once: onnxattr.runtime.default_workers)
+                   the halves of a chunk at once: onnxattr.graph.runtime.default_workers)
     one-worker     one session with all the threads runs each chunk
     no-arena       enable_cpu_mem_arena = False
     pattern        enable_mem_pattern = True (onnxruntime's default)
@@ -43,7 +43,7 @@ VARIANTS = {
 def patched_make_session(settings):
     """runtime.make_session with one variant's options applied to every session, after
     make_session's own (at the InferenceSession made from them)."""
-    from onnxattr import runtime
+    from onnxattr.graph import runtime
 
     original = runtime.onnxruntime.InferenceSession
 

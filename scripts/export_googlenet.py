@@ -4,7 +4,7 @@
     python scripts/export_googlenet.py --torchvision [--weights FILE.pth] [--output ...]
 
 --caffe converts BVLC's Caffe GoogLeNet from a directory in the shared layout (see
-onnxattr.caffe). --torchvision exports torchvision's GoogLeNet with its ImageNet
+onnxattr.io.caffe). --torchvision exports torchvision's GoogLeNet with its ImageNet
 normalisation put inside the graph; --weights is a state dict for torchvision's pretrained
 architecture (aux_logits=False, transform_input=True), else IMAGENET1K_V1 is downloaded.
 Both write `logits` and `prob` outputs and the same metadata.
@@ -20,8 +20,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout uninstalled
 
-from onnxattr import caffe  # noqa: E402
 from onnxattr.errors import OnnxAttrError  # noqa: E402
+from onnxattr.io import caffe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

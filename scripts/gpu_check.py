@@ -5,7 +5,7 @@
 
 --prepare copies the BVLC GoogLeNet Caffe files (about 28 MiB) into DIR (default
 build/gpu_check, git-ignored), so the repository carries what the GPU machine needs. There,
-the check exports GoogLeNet from them (onnxattr.caffe: numpy and onnx only), then:
+the check exports GoogLeNet from them (onnxattr.io.caffe: numpy and onnx only), then:
 
 1. CUDA against CPU, float32-exact (the default), through `Explainer`: relative L2 of the
    gradient, guided backpropagation and IG-50 of two photos, limit 1e-3 (LIMIT);
@@ -66,7 +66,7 @@ def compare_devices(model, cache):
 def all_nodes_on_cuda(model, cache):
     """Whether the native gradient graph loads on CUDA with the CPU fallback disabled."""
     from onnxattr import Explainer
-    from onnxattr.runtime import onnxruntime, provider_options
+    from onnxattr.graph.runtime import onnxruntime, provider_options
 
     graph = Explainer(model, cache_dir=cache, builder="native").engine.gradient_graph()
     options = onnxruntime.SessionOptions()
@@ -108,8 +108,8 @@ def main(argv=None):
     folder = args.folder
     if args.prepare:
         return prepare(folder)
-    from onnxattr import caffe
-    from onnxattr.runtime import onnxruntime
+    from onnxattr.graph.runtime import onnxruntime
+    from onnxattr.io import caffe
 
     if onnxruntime is None or "CUDAExecutionProvider" not in \
             onnxruntime.get_available_providers():

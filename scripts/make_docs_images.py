@@ -19,8 +19,8 @@ import click
 from PIL import Image
 
 from onnxattr import Explainer
-from onnxattr.figures import RenderOptions, write_figures
-from onnxattr.report import run_audit
+from onnxattr.app.report import run_audit
+from onnxattr.methods.figures import RenderOptions, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "samples" / "chelsea.png"

@@ -4,7 +4,7 @@ the sample photo, batch 1 or copies of it), summed per op type, as milliseconds 
     python scripts/profile_gradient.py [--model models/googlenet.onnx] [--builder native]
         [--runs 25] [--threads 2] [--batch 1] [--top 14]
 
-The session is made as the engine makes it (onnxattr.runtime.make_session), with profiling on;
+The session is made as the engine makes it (onnxattr.graph.runtime.make_session), with profiling on;
 the first of runs + 1 runs (allocation, kernel selection) is left out. Node times only: the totals are a
 little under the wall time of a run.
 """
@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from onnxattr import Explainer  # noqa: E402
-from onnxattr.prepare import ONEHOT  # noqa: E402
-from onnxattr.runtime import make_session  # noqa: E402
+from onnxattr.graph.prepare import ONEHOT  # noqa: E402
+from onnxattr.graph.runtime import make_session  # noqa: E402
 
 PHOTO = REPO / "samples" / "chelsea.png"
 

@@ -21,7 +21,7 @@ GRADIENT_BUILDERS = ["onnxruntime", "native"]
 
 @pytest.fixture(params=GRADIENT_BUILDERS)
 def builder(request):
-    """Each gradient builder in turn (onnxattr.builders): tests of what both must do."""
+    """Each gradient builder in turn (onnxattr.graph.builders): tests of what both must do."""
     return request.param
 
 
@@ -50,7 +50,7 @@ def shared_dir():
 
 @pytest.fixture(scope="session")
 def googlenet_caffe_dir(shared_dir):
-    """BVLC GoogLeNet in the Caffe layout onnxattr.caffe converts; skips when absent."""
+    """BVLC GoogLeNet in the Caffe layout onnxattr.io.caffe converts; skips when absent."""
     path = shared_dir / "models" / "bvlc_googlenet"
     if not (path / "deploy.prototxt").is_file():
         pytest.skip(f"no BVLC GoogLeNet at {path}")
@@ -60,7 +60,7 @@ def googlenet_caffe_dir(shared_dir):
 @pytest.fixture(scope="session")
 def googlenet_path(googlenet_caffe_dir, tmp_path_factory):
     """BVLC GoogLeNet exported once per session to ONNX; the file's path."""
-    from onnxattr import caffe
+    from onnxattr.io import caffe
 
     return caffe.export(googlenet_caffe_dir, tmp_path_factory.mktemp("models") / "googlenet.onnx")
 
@@ -175,7 +175,7 @@ def googlenet_float32(torch_reference, googlenet_path, photos):
     import torch
     from test_relu_rules import relu_modules_rule, torch_attribution
 
-    from onnxattr.image import load_pixels
+    from onnxattr.io.image import load_pixels
 
     from tolerance import rel_l2
 

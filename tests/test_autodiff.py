@@ -1,4 +1,4 @@
-"""The native gradient builder's contract (onnxattr.autodiff.build_native_gradient): sums of
+"""The native gradient builder's contract (onnxattr.graph.autodiff.build_native_gradient): sums of
 contributions, kept outputs, an intermediate tensor as wrt, any batch size, its refusals, the
 ReLU rules and their policy, standard ops only; the shared backward forms against the training
 build's kernels; and whole models against the onnxruntime-training builder."""
@@ -12,14 +12,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_autodiff_rules import central_differences, reference
 
-from onnxattr import OnnxAttrError, backward_forms
-from onnxattr.autodiff import VJP_RULES, build_native_gradient
-from onnxattr.autodiff.registry import Rule
-from onnxattr.graph import Emitter, GraphEditor
-from onnxattr.lowering import lower_graph
-from onnxattr.model import describe_model
-from onnxattr.prepare import ONEHOT, TRAINING_FIXES, add_score_head, gradient_output, prepare_forward
-from onnxattr.training import build_training_gradient
+from onnxattr import OnnxAttrError
+from onnxattr.graph import backward_forms
+from onnxattr.graph.autodiff import VJP_RULES, build_native_gradient
+from onnxattr.graph.autodiff.registry import Rule
+from onnxattr.graph.lowering import lower_graph
+from onnxattr.graph.prepare import ONEHOT, TRAINING_FIXES, add_score_head, gradient_output, prepare_forward
+from onnxattr.graph.toolkit import Emitter, GraphEditor
+from onnxattr.graph.training import build_training_gradient
+from onnxattr.io.model import describe_model
 
 import small_models
 
@@ -550,7 +551,7 @@ def test_googlenet_matches_the_training_builder(googlenet_path, photos, torch_re
     against float64 PyTorch as test_gradient checks the engine. Prints the batch-1 run times."""
     from test_gradient import torch_gradient
 
-    from onnxattr.image import load_pixels
+    from onnxattr.io.image import load_pixels
 
     model = onnx.load(googlenet_path)
     classifier = describe_model(model, "digest")

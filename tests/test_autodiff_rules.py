@@ -1,4 +1,4 @@
-"""Every vector-Jacobian rule of the native gradient builder (onnxattr.autodiff) against central
+"""Every vector-Jacobian rule of the native gradient builder (onnxattr.graph.autodiff) against central
 finite differences: each op alone in a tiny float64 graph, score = sum(op output * fixed random
 weights) so every output element matters, the native gradient evaluated with onnx's reference
 evaluator (spec-true LRN); then the float32 graph on onnxruntime against the float64 gradient.
@@ -19,7 +19,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
 
-from onnxattr.autodiff import VJP_RULES, build_native_gradient
+from onnxattr.graph.autodiff import VJP_RULES, build_native_gradient
 
 from small_models import LRN
 

@@ -76,7 +76,7 @@ def test_rewritten_branch_sums_keep_the_sum():
     from bench_backward_forms import build
     from bench_rejected_forms import chained_adds, merged_pointwise_adjoints
 
-    from onnxattr.runtime import make_session
+    from onnxattr.graph.runtime import make_session
 
     rng = np.random.default_rng(0)
     channels = {"dy1": 4, "dy2": 8, "dy3": 3, "other": 5}

@@ -11,7 +11,7 @@ import pytest
 
 from onnxattr import Explainer
 from onnxattr.errors import OnnxAttrNote
-from onnxattr.relu_rules import GUIDED, VANILLA
+from onnxattr.graph.relu_rules import GUIDED, VANILLA
 
 import small_models
 

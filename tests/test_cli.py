@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from onnxattr.cli import main
+from onnxattr.app.cli import main
 
 import small_models
 from small_models import LABELS
@@ -102,7 +102,7 @@ def test_exif_rotated_photo_is_upright(small_classifier, monkeypatch, capsys):
 
 def test_huge_image_is_refused(small_classifier, monkeypatch, capsys):
     tmp_path, model, _ = small_classifier
-    import onnxattr.image as image_module
+    import onnxattr.io.image as image_module
     monkeypatch.setattr(image_module, "MAX_PIXELS", 100)
     path = tmp_path / "huge.png"
     Image.new("RGB", (20, 20)).save(path)
@@ -425,10 +425,10 @@ def test_help_lists_each_command_with_a_whole_summary(monkeypatch, capsys):
 def test_one_builder_line_says_which_builder_ran(small_classifier, monkeypatch, capsys, choice,
                                                  training, said):
     """Which gradient builder made the maps, once per model (on Python 3.13 nothing said it)."""
-    import onnxattr.builders
-    if training and not onnxattr.builders.has_training_builder():
+    import onnxattr.graph.builders
+    if training and not onnxattr.graph.builders.has_training_builder():
         pytest.skip("needs onnxruntime-training")
-    monkeypatch.setattr(onnxattr.builders, "has_training_builder", lambda: training)
+    monkeypatch.setattr(onnxattr.graph.builders, "has_training_builder", lambda: training)
     tmp_path, model, photo = small_classifier
     code, _, err = run_cli(monkeypatch, capsys, "explain", photo, photo, "--model", model,
                            "--method", "gradient,guided-backprop", "--builder", choice,
@@ -470,7 +470,7 @@ def test_a_failed_write_is_one_line_not_an_internal_error(small_classifier, monk
     tmp_path, model, photo = small_classifier
     import errno
 
-    import onnxattr.files as files
+    import onnxattr.io.files as files
 
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")

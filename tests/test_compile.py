@@ -1,4 +1,4 @@
-"""Portable attribution models: every lowering rule (onnxattr.lowering) against the training
+"""Portable attribution models: every lowering rule (onnxattr.graph.lowering) against the training
 build's kernel on tiny graphs, and compiled GoogLeNet and residual-network models run on STOCK
 onnxruntime (the latest release from PyPI, in a virtual environment made once per checkout)
 against the training-build gradient graphs."""
@@ -17,9 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError
-from onnxattr.compile import compile_model
-from onnxattr.lowering import LOWERING_RULES, lower_graph
-from onnxattr.model import METHOD_KEY, SCORE_KEY, load_model
+from onnxattr.graph.lowering import LOWERING_RULES, lower_graph
+from onnxattr.io.model import METHOD_KEY, SCORE_KEY, load_model
+from onnxattr.methods.compile import compile_model
 
 from tolerance import float32_bound, rel_l2
 
@@ -385,7 +385,7 @@ def test_runtime_only_install(googlenet, torch_reference, googlenet_float32, sto
         import numpy as np
         import onnxruntime
         from onnxattr import Explainer
-        from onnxattr.training import has_training_builder
+        from onnxattr.graph.training import has_training_builder
         assert not has_training_builder() and "torch" not in sys.modules
         r = Explainer({str(path)!r}).explain({photo!r}, "guided-backprop")
         np.save({str(tmp_path / "compiled.npy")!r}, r.attribution)

@@ -68,9 +68,9 @@ def test_both_builders_refuse_control_flow(tmp_path, builder):
 def test_a_crash_of_the_training_builder_is_one_error():
     """The If model without the control-flow check: the GradientGraphBuilder aborts, in its
     child process, and this process gets one OnnxAttrError."""
-    from onnxattr.model import describe_model
-    from onnxattr.prepare import TRAINING_FIXES, add_score_head, prepare_forward
-    from onnxattr.training import _run_builder
+    from onnxattr.graph.prepare import TRAINING_FIXES, add_score_head, prepare_forward
+    from onnxattr.graph.training import _run_builder
+    from onnxattr.io.model import describe_model
 
     scored = add_score_head(prepare_forward(describe_model(if_model(True), "digest"),
                                             TRAINING_FIXES))

@@ -1,4 +1,4 @@
-"""GoogLeNet export (onnxattr.caffe, scripts/export_googlenet.py): reference predictions,
+"""GoogLeNet export (onnxattr.io.caffe, scripts/export_googlenet.py): reference predictions,
 agreement with float64 PyTorch, dynamic batch, metadata, the torchvision path, CLI errors."""
 
 import json

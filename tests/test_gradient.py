@@ -7,10 +7,11 @@ import pytest
 from conftest import GRADIENT_BUILDERS
 from onnx import helper
 
-from onnxattr import Explainer, OnnxAttrError, builders
-from onnxattr.builders import BUILDERS
+from onnxattr import Explainer, OnnxAttrError
 from onnxattr.errors import OnnxAttrNote
-from onnxattr.image import load_pixels
+from onnxattr.graph import builders
+from onnxattr.graph.builders import BUILDERS
+from onnxattr.io.image import load_pixels
 
 import small_models
 from tolerance import float32_bound

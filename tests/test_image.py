@@ -1,4 +1,4 @@
-"""onnxattr.image: each bad input is one OnnxAttrError line; odd modes give the expected RGB."""
+"""onnxattr.io.image: each bad input is one OnnxAttrError line; odd modes give the expected RGB."""
 
 import io
 import os
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from onnxattr import image as image_module
 from onnxattr.errors import OnnxAttrError
-from onnxattr.image import MAX_PIXELS, display_image, load_image, load_pixels, to_pixels
+from onnxattr.io import image as image_module
+from onnxattr.io.image import MAX_PIXELS, display_image, load_image, load_pixels, to_pixels
 
 
 def expect_error(source, *words):

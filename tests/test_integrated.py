@@ -15,9 +15,9 @@ from onnx import helper, numpy_helper
 from PIL import Image
 
 from onnxattr import Explainer, OnnxAttrError
-from onnxattr.cli import main
-from onnxattr.image import load_pixels
-from onnxattr.integration import (
+from onnxattr.app.cli import main
+from onnxattr.io.image import load_pixels
+from onnxattr.methods.integration import (
     BLUR_SIGMA_FRACTION,
     gaussian_blur,
     integration_path,
@@ -26,8 +26,8 @@ from onnxattr.integration import (
     path_chunks,
     path_images,
 )
-from onnxattr.integration import INTEGRATION_RULES as RULES
-from onnxattr.methods import METHODS, SMOOTHINGS, Method
+from onnxattr.methods.integration import INTEGRATION_RULES as RULES
+from onnxattr.methods.table import METHODS, SMOOTHINGS, Method
 
 import small_models
 from tolerance import rel_l2 as relative_l2
@@ -554,7 +554,7 @@ def test_cli_huge_baseline_is_one_line(onnxattr_cli):
 
 
 def test_cli_smooth_titles_and_options_per_method(onnxattr_cli, monkeypatch):
-    import onnxattr.cli as cli_module
+    import onnxattr.app.cli as cli_module
 
     titles = {}
     original = cli_module.write_figures

@@ -12,13 +12,13 @@ from onnx import helper
 from test_cli import assert_one_line_error, run_cli
 
 from onnxattr import Explainer, OnnxAttrError, compile_model
-from onnxattr.builders import BUILDERS
-from onnxattr.cam import upsample
-from onnxattr.cli_flags import options_per_method
-from onnxattr.figures import RenderOptions
-from onnxattr.image import load_pixels
-from onnxattr.report import run_audit
-from onnxattr.sanity import run_sanity
+from onnxattr.app.cli_flags import options_per_method
+from onnxattr.app.report import run_audit
+from onnxattr.app.sanity import run_sanity
+from onnxattr.graph.builders import BUILDERS
+from onnxattr.io.image import load_pixels
+from onnxattr.methods.cam import upsample
+from onnxattr.methods.figures import RenderOptions
 
 import small_models
 

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError, compile_model
 from onnxattr.errors import OnnxAttrNote
-from onnxattr.model import load_model
-from onnxattr.runtime import onnxruntime
+from onnxattr.graph.runtime import onnxruntime
+from onnxattr.io.model import load_model
 
 import small_models
 from tolerance import rel_l2
@@ -376,7 +376,7 @@ def test_onnxattr_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "import sys, onnxattr, onnxattr.cli; "
+    done = subprocess.run([sys.executable, "-c", "import sys, onnxattr, onnxattr.app.cli; "
                            "print('torch' in sys.modules)"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "default"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

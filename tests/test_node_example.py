@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxattr import Explainer
-from onnxattr.compile import compile_model
+from onnxattr.methods.compile import compile_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "node"

@@ -1,5 +1,5 @@
-"""Guided backpropagation and Zeiler-Fergus (onnxattr.relu_rules), through both builders: the
-rewrite of the training builder's ReluGrad nodes (onnxattr.training) and the native builder,
+"""Guided backpropagation and Zeiler-Fergus (onnxattr.graph.relu_rules), through both builders: the
+rewrite of the training builder's ReluGrad nodes (onnxattr.graph.training) and the native builder,
 checked exactly on a one-ReLU graph, against float64 PyTorch with the same
 modified ReLU backward on BVLC GoogLeNet and on a small residual network, and its refusals."""
 
@@ -14,17 +14,17 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError
-from onnxattr.model import describe_model
-from onnxattr.prepare import (
+from onnxattr.graph.prepare import (
     ONEHOT,
     TRAINING_FIXES,
     add_score_head,
     gradient_output,
     prepare_forward,
 )
-from onnxattr.render import colorize, save_map_figure, save_photo_figure
-from onnxattr.runtime import make_session
-from onnxattr.training import rewrite_relu_gradients, training_builder_graph
+from onnxattr.graph.runtime import make_session
+from onnxattr.graph.training import rewrite_relu_gradients, training_builder_graph
+from onnxattr.io.model import describe_model
+from onnxattr.io.render import colorize, save_map_figure, save_photo_figure
 
 from small_models import SIZE, _weights, classifier, save
 from tolerance import float32_bound, rel_l2

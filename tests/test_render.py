@@ -1,12 +1,12 @@
-"""Tests for onnxattr.render: numbers checked by hand on tiny arrays, and figures as real PNGs."""
+"""Tests for onnxattr.io.render: numbers checked by hand on tiny arrays, and figures as real PNGs."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from onnxattr import render
 from onnxattr.errors import OnnxAttrError
-from onnxattr.render import attribution_map, colorize, styled
+from onnxattr.io import render
+from onnxattr.io.render import attribution_map, colorize, styled
 
 
 def one_channel(values):

@@ -21,11 +21,12 @@ import pytest
 from PIL import Image
 from test_cli import run_cli
 
-from onnxattr import Explainer, render
-from onnxattr.cli import main
-from onnxattr.figures import RenderOptions
-from onnxattr.files import LOCK_NAME, TEMPORARY_NAME, atomic_path
-from onnxattr.report import collect_inputs, csv_rows, image_key, run_audit
+from onnxattr import Explainer
+from onnxattr.app.cli import main
+from onnxattr.app.report import collect_inputs, csv_rows, image_key, run_audit
+from onnxattr.io import render
+from onnxattr.io.files import LOCK_NAME, TEMPORARY_NAME, atomic_path
+from onnxattr.methods.figures import RenderOptions
 
 from small_models import random_photo
 

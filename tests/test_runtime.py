@@ -1,10 +1,11 @@
-"""Sessions and batched runs (onnxattr.runtime), CPU-only: CUDA's options as they are passed
+"""Sessions and batched runs (onnxattr.graph.runtime), CPU-only: CUDA's options as they are passed
 (TF32 off unless asked, cuDNN's heuristic algorithm search), fixed batches and padded chunks."""
 
 import numpy as np
 import pytest
 
-from onnxattr import Explainer, OnnxAttrError, runtime
+from onnxattr import Explainer, OnnxAttrError
+from onnxattr.graph import runtime
 
 import small_models
 

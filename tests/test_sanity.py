@@ -1,4 +1,4 @@
-"""The model-parameter randomization test (onnxattr.sanity) on small conv nets, and its metrics."""
+"""The model-parameter randomization test (onnxattr.app.sanity) on small conv nets, and its metrics."""
 
 import json
 import sys
@@ -8,9 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxattr import randomize, sanity, similarity
-from onnxattr.cli import main
-from onnxattr.explainer import Explainer
+from onnxattr.app import sanity, similarity
+from onnxattr.app.cli import main
+from onnxattr.graph import randomize
+from onnxattr.methods.explainer import Explainer
 
 import small_models
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxattr import Explainer, compile_model, relu_rules
-from onnxattr.methods import METHODS, compilable_methods
+from onnxattr import Explainer, compile_model
+from onnxattr.graph import relu_rules
+from onnxattr.methods.table import METHODS, compilable_methods
 
 import small_models
 
@@ -49,6 +50,40 @@ def imported_modules(path):
             found.update(a.name for a in node.names if a.name.startswith("onnxattr"))
     known = {module_name(p) for p in modules()}
     return {name for name in found if name in known and name != here}
+
+
+# The layers, lowest first: a module imports from its own layer and the ones below only. The
+# package's base (errors, _version) is below them all; onnxattr/__init__.py (the public API)
+# and __main__ sit above.
+LAYERS = ["io", "graph", "methods", "app"]
+BASE = {"onnxattr.errors", "onnxattr._version"}
+
+
+def layer_of(name):
+    """The layer index of module `name` (onnxattr.<layer>...), -1 for the base, None above."""
+    parts = name.split(".")
+    if name in BASE:
+        return -1
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_is_in_a_layer():
+    homeless = [module_name(p) for p in modules() if layer_of(module_name(p)) is None
+                and module_name(p) not in ("onnxattr", "onnxattr.__main__")]
+    assert not homeless, homeless
+
+
+def test_imports_only_go_down_the_layers():
+    upward = []
+    for path in modules():
+        here = layer_of(module_name(path))
+        if here is None:
+            continue
+        for other in imported_modules(path):
+            there = layer_of(other)
+            if there is None or there > here:
+                upward.append(f"{module_name(path)} -> {other}")
+    assert not upward, upward
 
 
 def test_no_import_cycles():

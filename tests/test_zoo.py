@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-from onnxattr import OnnxAttrError  # noqa: E402
+from onnxattr import OnnxAttrError
 
 import zoo_models as zoo  # noqa: E402
 

@@ -1,6 +1,6 @@
 """A float64 PyTorch reference of a Caffe classifier, built straight from the Caffe files.
 
-It shares only the prototxt parser with onnxattr.caffe: weights are loaded and the Caffe
+It shares only the prototxt parser with onnxattr.io.caffe: weights are loaded and the Caffe
 preprocessing is done here explicitly (RGB -> BGR, then mean subtraction), not folded into a
 filter the way the ONNX exporter does, so the two implementations check each other.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onnxattr.caffe import parse_prototxt
+from onnxattr.io.caffe import parse_prototxt
 
 MEAN_BGR = (104.0, 117.0, 123.0)
 

@@ -1,0 +1,314 @@
+"""The forward graph every builder differentiates: the pixel contract in front, the class
+outputs `prob` and `logits` behind, and the score head; plus the forward fixes
+onnxruntime-training needs.
+
+`prepare_forward` makes the graph take RGB pixels 0..255 whatever the model expects: a model
+whose input is scaled (0..1) or normalised ((x - mean) / std) gets one Mul and one Add in front
+(`PixelContract`), so gradients are always with respect to real pixel values.
+
+onnxruntime-training 1.19.2 has no gradient for inference BatchNormalization, LRN, Dropout,
+HardSigmoid or HardSwish, returns an empty batch from AveragePoolGrad, and asserts on a
+LayerNormalization without its optional Mean and InvStdDev outputs. Each entry of
+`TRAINING_FIXES` replaces one such op by ops with the same forward output that it can
+differentiate (tests check the forward outputs do not change); the native builder needs none.
+"""
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import OnnxAttrError
+from ..io.model import PIXEL_RANGE
+from .relu_rules import replaces
+from .toolkit import GraphEditor, at_least_opset, attribute, copy_model, default_opset
+
+SCORE = "score"
+ONEHOT = "onehot"
+PROB = "prob"
+LOGITS = "logits"
+SCORES = {"prob": PROB, "logit": LOGITS}  # score name -> the class output it differentiates
+
+
+# --- the pixel contract and the class outputs ----------------------------------------------------
+
+
+def _prepend_contract(editor, classifier):
+    """Make the image input take pixels 0..255: input -> Mul(a) -> Add(b) -> the old input."""
+    contract = classifier.contract
+    if contract.is_identity:
+        return []
+    name = classifier.input_name
+    inner = editor.unique(f"{name}/model_input")
+    for node in editor.graph.node:
+        node.input[:] = [inner if i == name else i for i in node.input]
+    for output in editor.graph.output:
+        if output.name == name:
+            raise OnnxAttrError("the image input is also a graph output; cannot prepend the "
+                                "pixel contract")
+    scale, shift = contract.scale_shift(classifier.channels)
+    scaled = editor.unique(f"{name}/scaled")
+    shape = (1, -1, 1, 1)
+    return [
+        editor.node("Mul", [name, editor.constant(f"{name}/contract_scale", scale.reshape(shape)
+                                                  .astype(np.float32))], [scaled], "contract"),
+        editor.node("Add", [scaled, editor.constant(f"{name}/contract_shift", shift.reshape(shape)
+                                                    .astype(np.float32))], [inner], "contract"),
+    ]
+
+
+# --- forward fixes for onnxruntime-training ------------------------------------------------------
+
+
+def _fix_dropout(editor, node):
+    """Dropout at inference is the identity."""
+    if len(node.output) > 1 and node.output[1] and editor.consumers(node.output[1]):
+        raise OnnxAttrError(f"Dropout node '{node.name}': its mask output is used; cannot remove it")
+    return [editor.node("Identity", [node.input[0]], [node.output[0]], node.name)]
+
+
+def _fix_lrn(editor, node):
+    """LRN as primitive ops: x * exp(-beta * log(bias + alpha * mean_window(x^2))).
+
+    The window sum over `size` neighbouring channels is a Conv with a (size, 1) kernel of ones
+    over x^2 reshaped to [N, 1, C, H*W]. The square is x * Identity(x) and the power goes
+    through Exp/Log: the builder's gradients of Pow, of Mul with one tensor on both inputs, and
+    of AveragePool fail at run time in onnxruntime-training 1.19.2.
+    """
+    size = attribute(node, "size")
+    alpha, beta, bias = (attribute(node, "alpha", 1e-4), attribute(node, "beta", 0.75),
+                         attribute(node, "bias", 1.0))
+    before, after = (size - 1) // 2, size // 2
+    x, y, n = node.input[0], node.output[0], node.name
+    channels = editor.shape(x, node)[1]
+    t = {k: editor.unique(f"{n}/{k}") for k in ("copy", "square", "stacked", "sum", "shape",
+                                                 "window", "base", "shifted", "log",
+                                                 "scaled_log", "scale")}
+    stacked_shape = editor.constant(f"{n}/stacked_shape", np.array([0, 1, channels, -1], np.int64))
+    return [
+        editor.node("Identity", [x], [t["copy"]], n),
+        editor.node("Mul", [x, t["copy"]], [t["square"]], n),
+        editor.node("Reshape", [t["square"], stacked_shape], [t["stacked"]], n),
+        editor.node("Conv", [t["stacked"], editor.constant(f"{n}/ones", np.ones(
+            (1, 1, size, 1), np.float32))], [t["sum"]], n, pads=[before, 0, after, 0]),
+        editor.node("Shape", [x], [t["shape"]], n),
+        editor.node("Reshape", [t["sum"], t["shape"]], [t["window"]], n),
+        editor.node("Mul", [t["window"], editor.constant(f"{n}/alpha", np.float32(alpha / size))],
+                    [t["base"]], n),
+        editor.node("Add", [t["base"], editor.constant(f"{n}/bias", np.float32(bias))],
+                    [t["shifted"]], n),
+        editor.node("Log", [t["shifted"]], [t["log"]], n),
+        editor.node("Mul", [t["log"], editor.constant(f"{n}/minus_beta", np.float32(-beta))],
+                    [t["scaled_log"]], n),
+        editor.node("Exp", [t["scaled_log"]], [t["scale"]], n),
+        editor.node("Mul", [x, t["scale"]], [y], n),
+    ]
+
+
+def _fix_batchnorm(editor, node):
+    """Inference BatchNormalization: folded into the Conv before it, else a per-channel Mul+Add.
+    Parameters may reach it through Identity nodes (torch's exporter shares equal tensors)."""
+    params = [editor.value(name) for name in node.input[1:5]]
+    if any(p is None for p in params):
+        raise OnnxAttrError(f"BatchNormalization node '{node.name}' has non-constant parameters")
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + attribute(node, "epsilon", 1e-5))
+    shift = beta - mean * scale
+    conv = editor.producer(node.input[0])
+    if conv is not None and conv.op_type == "Conv" and len(editor.consumers(conv.output[0])) == 1 \
+            and not editor.is_output(conv.output[0]):
+        weight = editor.value(conv.input[1])
+        if weight is not None:
+            bias = editor.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else 0.0
+            if bias is not None:
+                shape = (-1,) + (1,) * (weight.ndim - 1)
+                folded_weight = editor.constant(f"{conv.name}/W_bn", (
+                    weight * scale.reshape(shape)).astype(np.float32))
+                folded_bias = editor.constant(f"{conv.name}/B_bn", (bias * scale + shift)
+                                              .astype(np.float32))
+                conv.input[:] = [conv.input[0], folded_weight, folded_bias]
+                return [editor.node("Identity", [conv.output[0]], [node.output[0]], node.name)]
+    rank = editor.rank(node.input[0]) or 4
+    shape = (1, -1) + (1,) * (rank - 2)
+    scaled = editor.unique(f"{node.name}/scaled")
+    return [
+        editor.node("Mul", [node.input[0], editor.constant(f"{node.name}/scale", scale.reshape(
+            shape).astype(np.float32))], [scaled], node.name),
+        editor.node("Add", [scaled, editor.constant(f"{node.name}/shift", shift.reshape(shape)
+                                                     .astype(np.float32))], [node.output[0]],
+                    node.name),
+    ]
+
+
+def _fix_average_pool(editor, node):
+    """AveragePool as a depthwise Conv with weights 1/kernel size (the builder's AveragePoolGrad
+    returns an empty batch in onnxruntime-training 1.19.2). Without count_include_pad, border
+    outputs are divided by the share of the window that lies inside the image."""
+    if attribute(node, "ceil_mode", 0) or attribute(node, "auto_pad", "NOTSET") != "NOTSET":
+        raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode or auto_pad is not "
+                            "supported by the onnxruntime-training builder (try --builder native)")
+    x, y, n = node.input[0], node.output[0], node.name
+    shape = editor.shape(x, node)
+    kernel = list(attribute(node, "kernel_shape"))
+    strides = list(attribute(node, "strides", [1] * len(kernel)))
+    pads = list(attribute(node, "pads", [0] * 2 * len(kernel)))
+    weight = np.full((shape[1], 1, *kernel), 1.0 / np.prod(kernel), np.float32)
+    attrs = dict(group=shape[1], kernel_shape=kernel, strides=strides, pads=pads)
+    if attribute(node, "count_include_pad", 0) or not any(pads):
+        return [editor.node("Conv", [x, editor.constant(f"{n}/weight", weight)], [y], n, **attrs)]
+    inside = np.ones((1, 1, *shape[2:]), np.float64)
+    share = _window_share(inside, kernel, strides, pads).astype(np.float32)
+    summed = editor.unique(f"{n}/padded_mean")
+    return [editor.node("Conv", [x, editor.constant(f"{n}/weight", weight)], [summed], n, **attrs),
+            editor.node("Div", [summed, editor.constant(f"{n}/share", share)], [y], n)]
+
+
+def _window_share(inside, kernel, strides, pads):
+    """For each pooling window: the fraction of its cells inside the (unpadded) image."""
+    rank = len(kernel)
+    padded = np.pad(inside, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=tuple(range(2, 2 + rank)))
+    windows = windows[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+    return windows.mean(axis=tuple(range(-rank, 0)))
+
+
+def _hard_sigmoid(editor, node, x, y, original):
+    """y = Clip(alpha * x + beta, 0, 1), as Mul, Add and Clip; the Clip stands for node
+    `original` in the rectifier check (relu_rules.check_rule_applies)."""
+    alpha, beta = attribute(node, "alpha", 0.2), attribute(node, "beta", 0.5)
+    scaled, shifted = editor.unique(f"{node.name}/scaled"), editor.unique(f"{node.name}/shifted")
+    return [editor.node("Mul", [x, editor.constant(f"{node.name}/alpha", np.float32(alpha))],
+                        [scaled], node.name),
+            editor.node("Add", [scaled, editor.constant(f"{node.name}/beta", np.float32(beta))],
+                        [shifted], node.name),
+            replaces(editor.node("Clip", [shifted, editor.constant(f"{node.name}/zero",
+                                                                    np.float32(0)),
+                                          editor.constant(f"{node.name}/one", np.float32(1))],
+                                 [y], node.name), original)]
+
+
+def _fix_hard_sigmoid(editor, node):
+    """HardSigmoid(x) = Clip(alpha * x + beta, 0, 1)."""
+    return _hard_sigmoid(editor, node, node.input[0], node.output[0], node)
+
+
+def _fix_hard_swish(editor, node):
+    """HardSwish(x) = x * HardSigmoid(x) with alpha 1/6, beta 1/2."""
+    gate = editor.unique(f"{node.name}/gate")
+    spec = helper.make_node("HardSigmoid", node.input, [gate], name=node.name, alpha=1 / 6,
+                            beta=0.5)
+    return [*_hard_sigmoid(editor, spec, node.input[0], gate, node),
+            editor.node("Mul", [node.input[0], gate], [node.output[0]], node.name)]
+
+
+def _fix_layer_norm(editor, node):
+    """LayerNormalization with its optional Mean and InvStdDev outputs named (the builder
+    asserts without them)."""
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    outputs[1:] = [o or editor.unique(f"{node.name}/{k}")
+                   for o, k in zip(outputs[1:], ("mean", "inv_std_dev"))]
+    fixed = onnx.NodeProto()
+    fixed.CopyFrom(node)
+    fixed.output[:] = outputs
+    return [fixed]
+
+
+TRAINING_FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LRN": _fix_lrn,
+                  "BatchNormalization": _fix_batchnorm, "HardSigmoid": _fix_hard_sigmoid,
+                  "HardSwish": _fix_hard_swish, "LayerNormalization": _fix_layer_norm}
+
+
+# --- the prepared forward graph ------------------------------------------------------------------
+
+
+def prepare_forward(classifier, fixes=None, outputs=()):
+    """A copy of the classifier's graph (at opset >= 17) with the pixel contract in front, the
+    `fixes` (an op -> rule table such as TRAINING_FIXES) applied, and outputs exactly `prob` and
+    `logits`, then the intermediate tensors named in `outputs` (a layer for layer attribution).
+
+    The forward outputs are unchanged (tests check this); unused initializers are kept. The
+    extra outputs are outputs while the fixes run, so no fix changes what they hold (a Conv
+    whose output is a graph output keeps its BatchNormalization unfolded).
+    """
+    model = copy_model(at_least_opset(classifier.proto))
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    editor = GraphEditor(model)
+    editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
+    extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
+    model.graph.output.extend(extra)
+    nodes = []
+    for node in list(model.graph.node):
+        fix = (fixes or {}).get(node.op_type)
+        nodes.extend(fix(editor, node) if fix else [node])
+    editor.set_nodes(nodes)
+    _expose_class_outputs(editor, classifier, default_opset(model))
+    model.graph.output.extend(extra)
+    return model
+
+
+def _expose_class_outputs(editor, classifier, opset):
+    """Make the graph's outputs exactly `prob` and `logits`, adding a Softmax if it has none."""
+    graph = editor.graph
+    nodes = []
+    if classifier.logits_output != LOGITS:
+        nodes.append(editor.node("Identity", [classifier.logits_output], [LOGITS], LOGITS))
+    if classifier.prob_output is None:
+        nodes.append(editor.node("Softmax", [classifier.logits_output], [PROB], PROB,
+                                 axis=1 if opset < 13 else -1))
+    elif classifier.prob_output != PROB:
+        nodes.append(editor.node("Identity", [classifier.prob_output], [PROB], PROB))
+    editor.set_nodes([*graph.node, *nodes])
+    batch = classifier.batch or "N"
+    del graph.output[:]
+    graph.output.extend(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch, classifier.num_classes])
+        for name in (PROB, LOGITS))
+
+
+def gradient_output(wrt):
+    """Name of the output holding d score / d `wrt` (the same for both builders)."""
+    return f"{wrt}_grad"
+
+
+def check_score(score):
+    """`score` if it is a known score name, else an OnnxAttrError."""
+    if score not in SCORES:
+        raise OnnxAttrError(f"unknown score '{score}' (choose {' or '.join(SCORES)})")
+    return score
+
+
+def select_scores(prob, logits, targets, score):
+    """Each row's target score, float64 [N]: the probability or the logit by `score`."""
+    values = prob if check_score(score) == "prob" else logits
+    return values[np.arange(len(values)), np.asarray(targets)].astype(np.float64)
+
+
+def add_score_head(forward, score="prob"):
+    """Add input `onehot` [N, K] and scalar output `score` = sum(onehot * <prob or logits>).
+
+    One target class per row of the batch; rows do not interact, so d score / d image[n] is the
+    gradient of row n's target score alone. The class outputs stay as outputs.
+    """
+    model = copy_model(forward)
+    graph = model.graph
+    class_dims = graph.output[0].type.tensor_type.shape.dim
+    batch = class_dims[0].dim_value or "N"
+    graph.input.append(helper.make_tensor_value_info(ONEHOT, onnx.TensorProto.FLOAT,
+                                                     [batch, class_dims[1].dim_value]))
+    editor = GraphEditor(model)
+    selected = editor.unique("score/selected")
+    graph.node.extend([
+        editor.node("Mul", [SCORES[check_score(score)], ONEHOT], [selected], "score/select"),
+        editor.node("ReduceSum", [selected], [SCORE], "score/sum", keepdims=0),
+    ])
+    graph.output.insert(0, helper.make_tensor_value_info(SCORE, onnx.TensorProto.FLOAT, []))
+    return model
+
+
+def contract_metadata(contract):
+    """The onnxattr.input metadata of a graph that takes pixels 0..255 (contract built in)."""
+    return json.dumps({"layout": "NCHW", "channels": "RGB", "range": list(PIXEL_RANGE),
+                       "preprocessing": f"built in: the model's own contract "
+                                        f"({contract.describe()})"})

@@ -1,0 +1,425 @@
+"""Loading an ONNX image classifier and reading what it is: image input, class outputs,
+labels, pixel contract and batch size.
+
+Models are read with their external data files (resolved against the model's own folder,
+whatever the working directory), so a model saved with weights beside it loads everywhere.
+"""
+
+import functools
+import hashlib
+import json
+import stat
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import OnnxAttrError
+
+LABELS_KEY = "onnxattr.labels"
+CONTRACT_KEY = "onnxattr.input"
+METHOD_KEY = "onnxattr.method"
+SCORE_KEY = "onnxattr.score"
+STANDARD_DOMAINS = ("", "ai.onnx")
+PIXEL_RANGE = (0.0, 255.0)  # what every onnxattr graph takes: RGB pixel values 0..255
+# The largest image input onnxattr reads, in pixels (H * W): 8192 x 8192. A run holds the image
+# and its gradient many times over (float64 copies to render, batches of integrated gradients'
+# path images, the network's activations), well over 100 bytes a pixel, so 2**26 pixels is
+# already many GiB: a size beyond it is a broken export, refused at load rather than failing
+# for memory in the middle of a run.
+MAX_PIXELS = 2 ** 26
+
+
+def default_opset(proto):
+    """The default-domain (ai.onnx) opset a ModelProto imports (0 if none)."""
+    return next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+
+
+@dataclass(frozen=True)
+class PixelContract:
+    """What the model's image input expects, for RGB pixels p in 0..255: the value range it
+    was trained on (`range`, 0..1 or 0..255) and a per-channel normalisation applied before the
+    model, input = (p / 255 * (high - low) + low - mean) / std. `stated` says whether the model
+    (its onnxattr.input metadata) or the user said so, or it is the default assumption."""
+
+    range: tuple = PIXEL_RANGE
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    stated: bool = False
+
+    @property
+    def is_identity(self):
+        return (tuple(self.range) == PIXEL_RANGE and not any(self.mean)
+                and all(s == 1 for s in self.std))
+
+    def scale_shift(self, channels):
+        """Per-channel (a, b) with model input = a * p + b, float64 [channels]."""
+        low, high = self.range
+        std = np.broadcast_to(np.asarray(self.std, np.float64), channels)
+        mean = np.broadcast_to(np.asarray(self.mean, np.float64), channels)
+        return (high - low) / 255.0 / std, (low - mean) / std
+
+    def as_metadata(self):
+        return {"range": list(self.range), "mean": list(self.mean), "std": list(self.std)}
+
+    def describe(self):
+        low, high = self.range
+        text = f"RGB {low:g}..{high:g}"
+        if not self.is_identity and (any(self.mean) or any(s != 1 for s in self.std)):
+            text += (f", minus mean {', '.join(f'{m:g}' for m in self.mean)}, over std "
+                     f"{', '.join(f'{s:g}' for s in self.std)}")
+        return text
+
+
+def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None):
+    """The contract from the model's onnxattr.input metadata (a dict), overridden by what the
+    user gives: `pixel_range` "0..1" / "0..255" or a (low, high) pair, `mean` and `std` (one
+    number or one per channel, in the model's range). Without either, RGB 0..255."""
+    stated = dict(metadata_contract or {})
+    given = any(v is not None for v in (pixel_range, mean, std))
+    low, high = _finite("pixel range", parse_range(pixel_range) if pixel_range is not None
+                        else stated.get("range", PIXEL_RANGE), "two")
+    mean = _finite("mean", mean if mean is not None else stated.get("mean", 0.0), "one or three")
+    std = _finite("std", std if std is not None else stated.get("std", 1.0), "one or three")
+    if not high > low:
+        raise OnnxAttrError(f"bad pixel range {low:g}..{high:g}: low < high")
+    if min(std) <= 0:
+        raise OnnxAttrError(f"std must be positive, got {', '.join(f'{s:g}' for s in std)}")
+    return PixelContract((low, high), mean, std, stated=given or bool(stated))
+
+
+def _finite(name, value, count):
+    """`value` as a tuple of finite floats, `count` "two" (a range) or "one or three" (per
+    channel: one number is used for the three channels); else an error naming `name`."""
+    try:
+        values = np.asarray(value, float).ravel()
+    except (TypeError, ValueError):
+        values = None
+    sizes = (2,) if count == "two" else (1, 3)
+    if values is None or len(values) not in sizes or not np.isfinite(values).all():
+        raise OnnxAttrError(f"{name} must be {count} finite numbers, got {value!r}")
+    return tuple(float(v) for v in np.broadcast_to(values, max(sizes)))
+
+
+def parse_range(text, what="pixel range"):
+    """"0..1" (or "0,1") -> (0.0, 1.0); a pair stays as it is; None stays None."""
+    if not isinstance(text, str):
+        return text
+    try:
+        values = tuple(float(part) for part in text.replace(",", "..").split(".."))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not np.isfinite(values).all():
+        raise OnnxAttrError(f"{what} must look like 0..1 or 0..255, got {text!r}")
+    return values
+
+
+def parse_numbers(text, what):
+    """"0.485,0.456,0.406" (or one number) -> a tuple of floats; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise OnnxAttrError(f"{what} must be one number or three, comma-separated, got "
+                            f"{text!r}") from None
+    if len(values) not in (1, 3):
+        raise OnnxAttrError(f"{what} must be one number or three, got {len(values)}")
+    if not np.isfinite(values).all():
+        raise OnnxAttrError(f"{what} must be finite numbers, got {text!r}")
+    return values
+
+
+
+@dataclass
+class ClassifierModel:
+    """An ONNX classifier and the facts the engine needs about it."""
+
+    proto: onnx.ModelProto  # with its external data loaded
+    digest: str  # sha256 of the model file (and its external data): the key of all built from it
+    input_name: str
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    prob_output: str | None  # graph output holding softmax probabilities, if any
+    logits_output: str | None  # tensor holding the logits (graph output or softmax input), if any
+    labels: list = field(default_factory=list)
+    contract: PixelContract = PixelContract()
+    metadata: dict = field(default_factory=dict)
+    # a compiled attribution model (onnxattr compile): {"method": ..., "score": ...}, else None
+    compiled: dict | None = None
+    batch: int | None = None  # the image input's fixed batch size; None when it is free
+
+    @property
+    def opset(self):
+        """The model's default-domain (ai.onnx) opset version."""
+        return default_opset(self.proto)
+
+    @property
+    def has_labels(self):
+        """Whether the model names its classes (else they are "class 0", "class 1", ...)."""
+        return LABELS_KEY in self.metadata
+
+    @property
+    def size(self):
+        """(height, width) of the model's image input."""
+        return (self.height, self.width)
+
+    def with_contract(self, pixel_range=None, mean=None, std=None):
+        """A copy whose pixel contract is overridden by what the user gives (None: keep)."""
+        if pixel_range is None and mean is None and std is None:
+            return self
+        if self.compiled:
+            raise OnnxAttrError("a compiled attribution model takes pixels 0..255 with its "
+                                "contract built in; --pixel-range, --mean and --std apply to "
+                                "source models")
+        stated = json.loads(self.metadata[CONTRACT_KEY]) if CONTRACT_KEY in self.metadata else {}
+        contract = pixel_contract(stated, pixel_range, mean, std)
+        return replace(self, contract=contract,
+                       digest=f"{self.digest}|contract={contract.as_metadata()}")
+
+
+def load_model(path):
+    """Read and check an ONNX classifier file; raise OnnxAttrError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxAttrError(f"model file not found: {path}")
+    if path.is_dir():
+        raise OnnxAttrError(f"model path is a directory, not an ONNX file: {path}")
+    if not path.is_file():
+        raise OnnxAttrError(f"model path is not a regular file ({_kind(path.stat().st_mode)}): "
+                            f"{path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise OnnxAttrError(f"cannot read model file {path}: {err.strerror}") from None
+    try:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise OnnxAttrError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    if not proto.graph.node:
+        raise OnnxAttrError(f"{path} is not an ONNX model (no graph nodes)")
+    digest = hashlib.sha256(data)
+    for file, extents in _external_data(path, proto).items():
+        try:
+            with open(file, "rb") as stream:
+                for chunk in iter(functools.partial(stream.read, 1 << 24), b""):
+                    digest.update(chunk)
+                for tensor, offset, length in extents:
+                    stream.seek(offset)
+                    tensor.raw_data = stream.read(length)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+        except OSError as err:
+            raise OnnxAttrError(f"{path}: cannot read its external data file {file} "
+                                f"({err.strerror or err})") from None
+    return describe_model(proto, digest.hexdigest(), str(path))
+
+
+def _external_data(path, proto):
+    """{file: [(tensor, offset, length)]} for the tensors of `proto` whose data is in external
+    files, checked before a byte of them is read: each file is a regular file (not a FIFO that
+    blocks, not a device that never ends) inside the model's folder once symlinks are resolved
+    (the folder `path` is in, or the one it lives in when `path` is a symlink, as in a Hugging
+    Face cache), and long enough for every tensor's offset + length."""
+    roots = {path.parent.resolve(), path.resolve().parent}
+    files, sizes = {}, {}
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if location not in sizes:
+            sizes[location] = _data_file(path, roots, location)
+        file, size = sizes[location]
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise OnnxAttrError(f"{path}: tensor {tensor.name} has a bad external data offset "
+                                f"or length {info}") from None
+        if min(offset, length) < 0 or offset + length > size:
+            raise OnnxAttrError(f"{path}: external data file {location!r} has {size} bytes, "
+                                f"but tensor {tensor.name} needs bytes {offset}..{offset + length}"
+                                " (truncated, or another model's data)")
+        files.setdefault(file, []).append((tensor, offset, length))
+    return files
+
+
+def _data_file(path, roots, location):
+    """The resolved path and size of an external data file, checked without opening it."""
+    where = f"{path}: external data file {location!r}"
+    try:
+        file = (path.parent / location).resolve()
+        if Path(location).is_absolute() or not any(file.is_relative_to(r) for r in roots):
+            raise OnnxAttrError(f"{where} is outside the model's folder {path.parent}: "
+                                "onnxattr reads data files beside the model only")
+        info = file.stat()  # stat opens nothing: a FIFO or device is never read
+    except (OSError, RuntimeError, ValueError) as err:  # missing, a symlink loop, a NUL byte
+        raise OnnxAttrError(f"{path}: cannot read its external data file {path.parent / location}"
+                            f" ({getattr(err, 'strerror', None) or err}); keep it beside the "
+                            "model") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxAttrError(f"{where} is not a regular file ({_kind(info.st_mode)})")
+    return file, info.st_size
+
+
+def _kind(mode):
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other")
+
+
+def _tensors(graph):
+    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _tensors(sub)
+
+
+def describe_model(proto, digest, name="model"):
+    """Find the image input and the class outputs of `proto`."""
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if METHOD_KEY in metadata:
+        return _describe_compiled(proto, digest, name, metadata)
+    input_name, channels, height, width, batch = _image_input(proto.graph, name)
+    declared_batch = next(_dims(i)[0] for i in proto.graph.input if i.name == input_name)
+    prob_output, logits_output, num_classes = _class_outputs(proto.graph, name, declared_batch)
+    labels = _labels(metadata, num_classes, name)
+    return ClassifierModel(proto, digest, input_name, channels, height, width, num_classes,
+                           prob_output, logits_output, labels,
+                           pixel_contract(_stated_contract(metadata, name)), metadata,
+                           batch=batch)
+
+
+def _stated_contract(metadata, name):
+    if CONTRACT_KEY not in metadata:
+        return None
+    try:
+        stated = json.loads(metadata[CONTRACT_KEY])
+    except json.JSONDecodeError:
+        raise OnnxAttrError(f"{name}: metadata {CONTRACT_KEY} is not JSON") from None
+    if not isinstance(stated, dict):
+        raise OnnxAttrError(f"{name}: metadata {CONTRACT_KEY} is not a JSON object")
+    return stated
+
+
+def _describe_compiled(proto, digest, name, metadata):
+    """A compiled attribution model: inputs image [N, C, H, W] and target [N], outputs prob or
+    logits [N, K] and attribution [N, C, H, W] (onnxattr.methods.compile.compile_model)."""
+    inputs = {i.name: i for i in proto.graph.input}
+    outputs = {o.name: o for o in proto.graph.output}
+    if set(inputs) != {"image", "target"} or "attribution" not in outputs or not (
+            {"prob", "logits"} & set(outputs)):
+        raise OnnxAttrError(f"{name} has {METHOD_KEY} metadata but not the inputs image, target "
+                            "and outputs prob or logits, attribution of a compiled model")
+    batch, channels, height, width = _dims(inputs["image"])
+    class_output = "prob" if "prob" in outputs else "logits"
+    num_classes = _dims(outputs[class_output])[1]
+    if not all(isinstance(d, int) and d > 0 for d in (channels, height, width, num_classes)):
+        raise OnnxAttrError(f"{name}: compiled model without fixed C, H, W and class count")
+    _check_size(name, inputs["image"])
+    score = metadata.get(SCORE_KEY, "prob")
+    return ClassifierModel(proto, digest, "image", channels, height, width, num_classes,
+                           "prob" if class_output == "prob" else None,
+                           "logits" if class_output == "logits" else None,
+                           _labels(metadata, num_classes, name),
+                           pixel_contract(_stated_contract(metadata, name)), metadata,
+                           {"method": metadata[METHOD_KEY], "score": score},
+                           batch if isinstance(batch, int) else None)
+
+
+def _dims(value_info):
+    """Dimensions of a tensor's declared shape: ints, or names/None for symbolic ones."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+
+def _type_name(value_info):
+    return onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()
+
+
+def _image_input(graph, name):
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or \
+            inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        found = ", ".join(f"{i.name} {_type_name(i)} {_dims(i)}" for i in inputs) or "none"
+        raise OnnxAttrError(f"{name} is not an image classifier onnxattr can read: it needs "
+                            f"exactly one float32 input [N, C, H, W] (found inputs: {found})"
+                            + _float16_hint(inputs))
+    image = inputs[0]
+    batch, channels, height, width = _dims(image)
+    if not all(isinstance(d, int) and d > 0 for d in (channels, height, width)):
+        raise OnnxAttrError(f"{name}: image input {image.name} needs fixed C, H, W "
+                            f"(found {_dims(image)})")
+    if channels != 3:
+        looks_nhwc = width in (1, 3, 4) and channels == height
+        hint = (f"; it looks channels-last [N, H, W, C] = {_dims(image)}: onnxattr needs "
+                "channels-first [N, C, H, W] (re-export the model with NCHW input)"
+                if looks_nhwc else "; only RGB models (3 channels) are supported")
+        raise OnnxAttrError(f"{name}: image input {image.name} has {channels} channels{hint}")
+    _check_size(name, image)
+    return image.name, channels, height, width, batch if isinstance(batch, int) else None
+
+
+def _check_size(name, image):
+    """Refuse an image input [N, C, H, W] (C, H, W known positive) of a size no run can have."""
+    batch, _, height, width = _dims(image)
+    if height * width > MAX_PIXELS:
+        raise OnnxAttrError(f"{name}: image input {image.name} is {height}x{width} pixels: more "
+                            f"than onnxattr's limit of {MAX_PIXELS} (8192x8192)")
+    if isinstance(batch, int) and batch < 1:
+        raise OnnxAttrError(f"{name}: image input {image.name} declares a batch of {batch}: no "
+                            "image fits (export it with batch 1, or a free batch dimension)")
+
+
+def _float16_hint(inputs):
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    if any(i.type.tensor_type.elem_type in half for i in inputs):
+        return ("; float16, bfloat16 and float64 models are not supported: convert the model to "
+                "float32 (e.g. onnxconverter_common.float16 / re-export in float32)")
+    return ""
+
+
+def _class_outputs(graph, name, batch):
+    """(softmax output or None, logits tensor, class count): the first output [N, classes] whose
+    N can be the image input's batch `batch` (its declared first dimension), preferring one a
+    Softmax produces. An output such as a [32, 32] map of a model with batch 1 is no class
+    output."""
+    def is_classes(output):
+        dims = _dims(output)
+        return (len(dims) == 2 and isinstance(dims[1], int) and dims[1] >= 2
+                and (dims[0] in (None, batch) or isinstance(dims[0], str)
+                     or (dims[0] == 1 and not isinstance(batch, int))))
+
+    producers = {out: node for node in graph.node for out in node.output}
+    candidates = [o for o in graph.output if is_classes(o)]
+    for output in candidates:
+        node = producers.get(output.name)
+        if node is not None and node.op_type == "Softmax":
+            return output.name, node.input[0], _dims(output)[1]
+    if candidates:
+        return None, candidates[0].name, _dims(candidates[0])[1]
+    found = ", ".join(f"{o.name} {_dims(o)}" for o in graph.output) or "none"
+    raise OnnxAttrError(f"{name} is not an image classifier: no softmax or logits output "
+                        f"[N, classes] with N the image's batch {batch} (found outputs: {found})")
+
+
+def _labels(metadata, num_classes, name):
+    if LABELS_KEY not in metadata:
+        return [f"class {i}" for i in range(num_classes)]
+    try:
+        labels = json.loads(metadata[LABELS_KEY])
+    except json.JSONDecodeError:
+        raise OnnxAttrError(f"{name}: metadata {LABELS_KEY} is not a JSON list") from None
+    if not isinstance(labels, list) or len(labels) != num_classes:
+        raise OnnxAttrError(f"{name}: metadata {LABELS_KEY} must list {num_classes} labels")
+    return [str(label) for label in labels]

@@ -1,0 +1,212 @@
+"""The public API: `Explainer` classifies images and explains the decision with a method."""
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import OnnxAttrError, OnnxAttrNote
+from ..graph.builders import GraphCache, check_builder
+from ..graph.engine import AttributionEngine
+from ..graph.runtime import check_counts, provider_options
+from ..io.image import check_fit, load_image, to_pixels
+from ..io.model import load_model
+from ..io.render import attribution_map
+from .compile import CompiledEngine
+from .figures import RenderOptions
+from .table import get_method
+
+DEFAULT_MODEL = "models/googlenet.onnx"
+
+
+@dataclass
+class Explanation:
+    """One image's attribution for one target class."""
+
+    method: str
+    title: str  # the figure title, e.g. "Gradient Attribution Map (golden retriever)"
+    class_index: int
+    label: str
+    score: float  # softmax probability of the target class
+    attribution: np.ndarray  # float32 (C, H, W): the method's attribution per pixel, RGB order
+    photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
+    extras: dict = field(default_factory=dict)  # method-specific numbers (and a layer's name)
+    render_defaults: dict = field(default_factory=dict)  # the method's own drawing defaults
+    # the gradient builder that made the method's graph ("onnxruntime" or "native"; None when
+    # the method runs no gradient graph of onnxattr's: occlusion, a compiled model)
+    builder: str | None = None
+
+    @property
+    def map(self):
+        """float32 (H, W) in [0, 1]: channel sum of |attribution|, rescaled (the example's map)."""
+        return attribution_map(self.attribution)
+
+    def render(self, reduction="sum", sign=None, clip="none", clip_value=None, cmap=None,
+               style=None, alpha=0.5):
+        """uint8 (H, W, 3) picture of the attribution (see `onnxattr.methods.figures.RenderOptions`):
+        sign absolute|positive|negative|all, reduction sum|max-abs, clip none|percentile|
+        outlier-mass (`clip_value`: its parameter), style map|overlay|masked, any colormap.
+        `sign` and `style` None: the method's default (`render_defaults`), else absolute and
+        map."""
+        return RenderOptions(reduction, sign, clip, clip_value, cmap, style, alpha).render(self)
+
+    def __getattr__(self, name):
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
+
+
+class Explainer:
+    """Attribution maps for one ONNX image classifier.
+
+    `model`: path to an ONNX classifier with one image input [N, C, H, W] and a softmax or
+    logits output, or a compiled attribution model (onnxattr compile). Images are RGB pixels
+    0..255; what the model expects (`pixel_range` "0..1" or "0..255", per-channel `mean` and
+    `std` in that range) comes from its onnxattr.input metadata or these arguments, and is built
+    into the graph in front of the model; a model that states nothing is assumed to take RGB
+    0..255 (with a note). `device`: "cpu" or "cuda"; `precision`: "float32" (exact, default) or
+    "tf32" (CUDA convolutions in TF32). `builder`: "auto", "onnxruntime" or "native"
+    (onnxattr.graph.builders). `fit`: how images of another size reach the input size, "stretch" (the
+    example's imresize) or "center-crop". `threads`: onnxruntime's threads (None: all cores);
+    `workers`: sessions that share a batched run, each with threads / workers (None: 2 on a
+    CPU with 2 or more cores, else 1; see onnxattr.graph.runtime.default_workers).
+    """
+
+    def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
+                 fit="stretch", builder="auto", precision="float32", pixel_range=None,
+                 mean=None, std=None, workers=None):
+        provider_options(device, precision)  # a missing CUDA provider fails here, before images
+        check_builder(builder)
+        check_counts(threads=threads, workers=workers)
+        check_fit(fit)
+        self.model_path = str(model)
+        self.classifier = load_model(model).with_contract(pixel_range, mean, std)
+        if self.classifier.compiled:
+            self.engine = CompiledEngine(self.classifier, device, threads, precision, workers)
+        else:
+            self.engine = AttributionEngine(self.classifier, device, GraphCache(cache_dir),
+                                            threads, builder, precision, workers)
+        try:
+            self.engine.open()  # a graph onnxruntime refuses is the model's fault, said once
+        except OnnxAttrError as err:
+            raise OnnxAttrError(f"{self.model_path}: {err}") from None
+        self.fit = fit
+        self._contract_said = self.classifier.contract.stated or bool(self.classifier.compiled)
+
+    def _say_contract(self):
+        """Once, with the first result: the pixel contract assumed for a model that states none."""
+        if not self._contract_said:
+            self._contract_said = True
+            warnings.warn(f"{self.model_path} states no pixel contract (onnxattr.input "
+                          "metadata); assumed it takes RGB 0..255 (give --pixel-range 0..1, "
+                          "--mean, --std if it expects normalised input)", OnnxAttrNote,
+                          stacklevel=3)
+
+    @property
+    def labels(self):
+        return self.classifier.labels
+
+    @property
+    def input_size(self):
+        """(height, width) the model takes."""
+        return self.classifier.size
+
+    def pixels(self, images):
+        """float32 [N, 3, H, W] at model resolution from a list of paths, PIL images or arrays."""
+        return np.stack([to_pixels(load_image(image), self.input_size, self.fit)
+                         for image in images])
+
+    def classify(self, image, top=5):
+        """[(class_index, label, probability), ...] best first; a list of images gives a list."""
+        images, single = _as_list(image)
+        prob, _ = self.engine.forward(self.pixels(images))
+        ranked = [[(int(i), self.labels[i], float(p[i])) for i in np.argsort(-p)[:top]]
+                  for p in prob]
+        self._say_contract()
+        return ranked[0] if single else ranked
+
+    def target_index(self, target):
+        """Class index for an index, a numeric string, or a label (case-insensitive)."""
+        count = len(self.labels)
+        if isinstance(target, str) and re.fullmatch(r"\s*[+-]?\d+\s*", target):
+            target = int(target)
+        elif isinstance(target, str) and _is_number(target) or isinstance(target, float):
+            raise OnnxAttrError(f"target {target} is not a whole number: give a class index "
+                                f"0..{count - 1} or a label")
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            if not 0 <= target < count:
+                raise OnnxAttrError(f"class index {target} is out of range 0..{count - 1}")
+            return int(target)
+        if not isinstance(target, str):
+            raise OnnxAttrError(f"target must be a class index or label, not {target!r}")
+        wanted = target.strip().lower()
+        matches = [i for i, label in enumerate(self.labels) if label.lower() == wanted]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise OnnxAttrError(f"class name '{target}' is ambiguous: indices "
+                                f"{', '.join(map(str, matches))}; give the index")
+        if not self.classifier.has_labels:
+            raise OnnxAttrError(f"unknown class name '{target}': the model has no class names "
+                                f"(onnxattr.labels metadata); give a class index 0..{count - 1}")
+        close = difflib.get_close_matches(wanted, [label.lower() for label in self.labels], 3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise OnnxAttrError(f"unknown class name '{target}'{hint}")
+
+    def explain(self, image, method="gradient", target=None, score="prob", batch_size=None,
+                progress=None, **options):
+        """Attribution of `method` for each image's target class (None: the top-1 class).
+
+        A list of images (with a list of targets, or one target for all) is one batch and
+        gives a list of Explanations. `progress(share done)` is called as a long method
+        (occlusion) advances.
+        """
+        images, single = _as_list(image)
+        targets = target if isinstance(target, (list, tuple)) else [target] * len(images)
+        if len(targets) != len(images):
+            raise OnnxAttrError(f"{len(targets)} targets for {len(images)} images")
+        chosen = get_method(method)
+        check_counts(batch_size=batch_size)
+        smooth = options.get("smooth")
+        name = method if smooth is None else f"{smooth}-{method}"
+        indices = [None if t is None else self.target_index(t) for t in targets]
+        pixels = self.pixels(images)
+        prob, _ = self.engine.forward(pixels, batch_size)
+        indices = np.array([int(np.argmax(p)) if i is None else i for i, p in zip(indices, prob)])
+        self.engine.last_builder = None
+        with np.errstate(all="ignore"):
+            attribution, extras = chosen.compute(self.engine, pixels, indices, score, batch_size,
+                                                 progress=progress, **options)
+        if not np.isfinite(attribution).all():
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items() if v is not None)
+            raise OnnxAttrError(f"{method} gave NaN or infinite attributions"
+                                f"{f' with {given}' if given else ''}: the model overflows at "
+                                "these inputs")
+        results = [
+            Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
+                        self.labels[i],
+                        float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
+                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}),
+                        self.engine.last_builder)
+            for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
+        self._say_contract()
+        return results[0] if single else results
+
+
+def _is_number(text):
+    """Whether `text` reads as a finite number such as "285.0" or "1e3" (not a label)."""
+    try:
+        return bool(np.isfinite(float(text)))
+    except ValueError:
+        return False
+
+
+def _as_list(image):
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise OnnxAttrError("no images given")
+        return list(image), False
+    return [image], True
