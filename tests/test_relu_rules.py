@@ -376,3 +376,36 @@ def test_guided_map_is_sharper_than_gradient(googlenet, photos):
     print("\nGini sharpness:", {k: round(v, 3) for k, v in sharpness.items()})
     assert sharpness["guided-backprop"] > sharpness["gradient"] + 0.05
     assert sharpness["zeiler-fergus"] < sharpness["guided-backprop"] - 0.05
+
+
+def test_a_clip_on_the_shape_path_is_no_rectifier(tmp_path, builder):
+    """An int64 Clip with min 0 that computes a Reshape's shape (EfficientNetV2 has such) is
+    shape arithmetic, not an activation: guided backprop applies at the Relu and names no Clip
+    (the training builder refused the model, naming the Clip as a ReLU6)."""
+    nodes = [helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero_index"], ["batch"], name="batch", axis=0),
+             helper.make_node("Clip", ["batch", "zero_int"], ["clipped"], name="shape_clip"),
+             helper.make_node("Concat", ["clipped", "minus_one"], ["new_shape"], name="cat",
+                              axis=0),
+             helper.make_node("Reshape", ["r", "new_shape"], ["flat"], name="reshape"),
+             helper.make_node("Reshape", ["flat", "back"], ["a"], name="back")]
+    extra = {"zero_index": np.array([0], np.int64), "zero_int": np.array(0, np.int64),
+             "minus_one": np.array([-1], np.int64), "back": np.array([0, 4, SIZE, SIZE], np.int64)}
+    path = small_model_path(tmp_path, nodes, extra)
+    explainer = Explainer(path, cache_dir=tmp_path / "cache", builder=builder)
+    guided = explainer.explain(IMAGE, "guided-backprop", target=1).attribution
+    plain = explainer.explain(IMAGE, "gradient", target=1).attribution
+    assert np.abs(guided).max() > 0 and not np.allclose(guided, plain)
+
+
+def test_the_training_builder_suggests_the_native_one_only_where_it_can():
+    """An op the training builder cannot differentiate: --builder native is suggested only
+    when the native builder has a rule for it (LeViT's refusals pointed to a builder that
+    refused too)."""
+    from onnxattr.graph.training import _builder_error
+
+    message = "Gradient for op {} has not been registered: {} for node n1"
+    assert "use --builder native" in _builder_error(message.format("LRN", "LRN"))
+    unknown = _builder_error(message.format("Unheard", "Unheard"))
+    assert "the native builder cannot either" in unknown and "--builder native" not in unknown

@@ -135,6 +135,8 @@ def check_rule_applies(rule, editor, path, wrt, output, gates_clip=True):
     others, relus, clips = [], [], []
     for node in path:
         op, label = _original(node)
+        if not np.issubdtype(editor.dtype(node.output[0]), np.floating):
+            continue  # shape arithmetic (an int64 Clip before a Reshape), not an activation
         if op == "Relu":
             relus.append(node)
         elif op == "Clip" and is_gated_clip(editor, node):

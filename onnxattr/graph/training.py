@@ -22,6 +22,7 @@ import sys
 import onnx
 
 from ..errors import OnnxAttrError
+from .autodiff.registry import VJP_RULES
 from .control_flow import reads, refuse_control_flow
 from .prepare import ONEHOT, SCORE
 from .relu_rules import VANILLA, check_rule_applies, relu_rule, zero_like
@@ -109,8 +110,9 @@ def _builder_error(message):
     unsupported = _UNSUPPORTED.search(message)
     if unsupported:
         op, node = unsupported.group(1), unsupported.group(2).strip() or "(unnamed)"
+        instead = "use --builder native, " if op in VJP_RULES else "the native builder cannot either; "
         return (f"onnxruntime-training cannot differentiate op {op} (node '{node}'); "
-                "use --builder native, replace it in the model, or file an issue")
+                f"{instead}replace it in the model, or file an issue")
     last_line = message.strip().splitlines()[-1] if message.strip() else "unknown error"
     return f"onnxruntime-training's gradient builder failed: {last_line[-300:]}"
 
