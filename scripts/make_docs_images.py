@@ -1,4 +1,4 @@
-"""Regenerate the README's pictures in docs/: one per rendering style, a panel, the map of each
+"""Regenerate the documentation's pictures in docs/: one per rendering style, a panel, the map of each
 method that is drawn its own way (Grad-CAM, guided Grad-CAM, occlusion), the audit page.
 
     .venv/bin/python scripts/make_docs_images.py [--model models/googlenet.onnx]
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "samples" / "chelsea.png"
 SHARED_IMAGES = REPO.parent / "shared" / "images"
 
-# (file, method, options) for the style pictures: the flags are in the README beside each
+# (file, method, options) for the style pictures: the flags are in docs/guide/explain.md beside each
 STYLES = [
     ("style-map.png", "gradient", RenderOptions()),
     ("style-overlay.png", "guided-backprop", RenderOptions(style="overlay", clip="percentile")),

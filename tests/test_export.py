@@ -168,6 +168,13 @@ def assert_one_line_error(result, *fragments):
     assert all(fragment in lines[0] for fragment in fragments)
 
 
+def test_cli_caffe_export(tmp_path, googlenet_caffe_dir, googlenet_path):
+    """The README's first command's export: the script writes the same model as the fixture."""
+    result = run_script("--caffe", googlenet_caffe_dir, "--output", tmp_path / "googlenet.onnx")
+    assert result.returncode == 0, result.stderr
+    assert onnx.load(tmp_path / "googlenet.onnx") == onnx.load(googlenet_path)
+
+
 def test_cli_missing_caffe_dir(tmp_path):
     result = run_script("--caffe", tmp_path / "absent", "--output", tmp_path / "g.onnx")
     assert_one_line_error(result, "not found", "absent")

@@ -23,20 +23,33 @@ DEFAULT_MODEL = "models/googlenet.onnx"
 
 @dataclass
 class Explanation:
-    """One image's attribution for one target class."""
+    """One image's attribution for one target class.
+
+    The method-specific numbers in `extras` read as attributes too: integrated gradients'
+    `convergence_delta` and `relative_convergence_delta`, Grad-CAM's `layer` and `cam`.
+    """
 
     method: str
-    title: str  # the figure title, e.g. "Gradient Attribution Map (golden retriever)"
+    """The method's name, e.g. "gradient"."""
+    title: str
+    """The figure title, e.g. "Gradient Attribution Map (golden retriever)"."""
     class_index: int
+    """The target class's index."""
     label: str
-    score: float  # softmax probability of the target class
-    attribution: np.ndarray  # float32 (C, H, W): the method's attribution per pixel, RGB order
-    photo: np.ndarray  # uint8 (H, W, 3): the image at model resolution, as the model saw it
-    extras: dict = field(default_factory=dict)  # method-specific numbers (and a layer's name)
-    render_defaults: dict = field(default_factory=dict)  # the method's own drawing defaults
-    # the gradient builder that made the method's graph ("onnxruntime" or "native"; None when
-    # the method runs no gradient graph of onnxattr's: occlusion, a compiled model)
+    """The target class's label."""
+    score: float
+    """Softmax probability of the target class."""
+    attribution: np.ndarray
+    """float32 (C, H, W): the method's attribution per pixel, RGB order."""
+    photo: np.ndarray
+    """uint8 (H, W, 3): the image at model resolution, as the model saw it."""
+    extras: dict = field(default_factory=dict)
+    """Method-specific numbers (and a layer's name)."""
+    render_defaults: dict = field(default_factory=dict)
+    """The method's own drawing defaults."""
     builder: str | None = None
+    """The gradient builder that made the method's graph ("onnxruntime" or "native"; None when
+    the method runs no gradient graph of onnxattr's: occlusion, a compiled model)."""
 
     @property
     def map(self):

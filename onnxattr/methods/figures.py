@@ -42,13 +42,20 @@ class RenderOptions:
     explicit value always wins.
     """
 
-    reduction: str = "sum"  # channel reduction: sum | max-abs
-    sign: str = None  # absolute | positive | negative | all (signed, diverging)
-    clip: str = "none"  # none | percentile | outlier-mass
-    clip_value: float = None  # the clip's parameter (None: its default)
-    cmap: str = None  # any matplotlib colormap, 'white-black' or 'blue-white-red' (None: by style)
-    style: str = None  # map | overlay | masked
-    alpha: float = 0.5  # overlay weight of the map
+    reduction: str = "sum"
+    """Channel reduction: sum | max-abs."""
+    sign: str = None
+    """absolute | positive | negative | all (signed, diverging)."""
+    clip: str = "none"
+    """none | percentile | outlier-mass."""
+    clip_value: float = None
+    """The clip's parameter (None: its default)."""
+    cmap: str = None
+    """Any matplotlib colormap, 'white-black' or 'blue-white-red' (None: by style)."""
+    style: str = None
+    """map | overlay | masked."""
+    alpha: float = 0.5
+    """Overlay weight of the map."""
 
     def resolved(self, defaults=None):
         """These options with `sign` and `style` filled in where None: from `defaults` (a
