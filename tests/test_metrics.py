@@ -215,3 +215,40 @@ def test_googlenet_orderings(googlenet, photos):
         assert method["deletion_auc"].value < result["random"]["deletion_auc"].value
         assert method["deletion_auc"].value < inverted["deletion_auc"].value
         assert method["insertion_auc"].value > inverted["insertion_auc"].value
+
+
+# --- the command line and the audit -------------------------------------------------------------
+
+
+def test_cli_evaluate_and_audit_write_the_metrics(small_classifier):
+    import csv
+
+    from click.testing import CliRunner
+
+    from onnxattr.app.cli import cli
+
+    folder, model, photo = small_classifier
+    runner = CliRunner()
+    done = runner.invoke(cli, ["evaluate", str(photo), "--model", str(model), "--method",
+                               "gradient", "--metric", "deletion,insertion", "--metric-steps", "4"])
+    assert done.exit_code == 0, done.output
+    assert "gradient (inverted)" in done.output and "deletion_auc" in done.output
+    out = folder / "audit"
+    done = runner.invoke(cli, ["audit", str(photo), "--model", str(model), "--methods",
+                               "gradient,guided-backprop", "--metrics", "deletion,insertion",
+                               "--metric-steps", "4", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["images"]
+    record = entry["methods"]["gradient"]
+    assert len(record["curves"]["deletion_auc"]) == 5
+    assert 0 <= record["deletion_auc"] <= 1 and "inverted_insertion_auc" in record
+    assert (out / entry["outputs"]["curves"]).is_file()
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert float(rows[0]["guided-backprop_insertion_auc"]) == pytest.approx(
+        entry["methods"]["guided-backprop"]["insertion_auc"], rel=1e-5)
+    assert rows[0]["random_deletion_auc"]
+    assert "Which map to trust" in (out / "index.html").read_text()
+    bad = runner.invoke(cli, ["audit", str(photo), "--model", str(model), "--metrics", "nope",
+                              "--out", str(folder / "bad")])
+    assert isinstance(bad.exception, OnnxAttrError) and "unknown metric 'nope'" in str(bad.exception)
