@@ -17,12 +17,14 @@ from ..io.model import parse_numbers, parse_range
 from ..methods.compile import compile_model
 from ..methods.figures import save_integration_path, write_figures
 from ..methods.integration import DEFAULT_STEPS, MAX_STEPS
+from ..methods.metrics import QUANTITIES
 from ..methods.table import COMPLETENESS_TOLERANCE, METHODS, compilable_methods, get_method
 from . import report
 from . import sanity as sanity_check
 from .cli_flags import (
     images_argument,
     method_flags,
+    metric_flags,
     model_flags,
     open_explainer,
     options_per_method,
@@ -230,10 +232,11 @@ def _echo_completeness(image, result, settings):
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--resume", is_flag=True,
               help="Skip images an earlier run into --out already did with the same settings.")
+@metric_flags("--metrics")
 @render_flags
 @method_flags
 def audit(paths, explainer, methods, target, score, out_dir, resume, options,
-          method_options):
+          method_options, metrics, metric_options):
     """Every method on every image (files and folders, recursively): figures, raw .npy,
     summary.json/.csv and index.html in --out. Exit code 1 if some image failed."""
     methods = report.parse_methods(methods)
@@ -244,7 +247,8 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
     files = report.collect_inputs(paths, exclude=out_dir)
     with ProgressBar(len(files) * len(methods), "auditing") as bar:
         summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
-                                   resume, bar.update, method_options)
+                                   resume, bar.update, method_options, metrics,
+                                   metric_options)
     _echo_builders(explainer, set())
     for entry in summary["images"]:
         if entry["status"] == "failed":
@@ -254,6 +258,49 @@ def audit(paths, explainer, methods, target, score, out_dir, resume, options,
     echo(f"{counts['done']} done ({counts['skipped']} from an earlier run), "
          f"{counts['failed']} failed; open {out_dir / 'index.html'}")
     sys.exit(1 if counts["failed"] else 0)
+
+
+@cli.command()
+@images_argument
+@model_flags
+@click.option("--method", "methods", multiple=True, default=["gradient"], show_default=True,
+              metavar="NAME", help="Attribution method, repeatable (or comma-separated).")
+@click.option("--target", help="Class index or label to explain (default: the top-1 class).")
+@score_option
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Images per forward pass [default: 16].")
+@metric_flags("--metric")
+@method_flags
+def evaluate(images, explainer, methods, target, score, batch_size, method_options, metrics,
+             metric_options):
+    """Faithfulness of each method's map on each image (docs/faithfulness.md), beside the
+    random-map and the inverted-map controls: one table row per image and map."""
+    methods = _method_list(methods)
+    metrics = metrics or ["deletion", "insertion"]
+    method_options = options_per_method(methods, method_options)
+    if target is not None:
+        explainer.target_index(target)
+    failed, header = 0, None
+    with ProgressBar(len(images) * len(methods) * BAR_STEPS, "evaluating") as bar:
+        for image in images:
+            for method in methods:
+                steps = _Steps(bar.update)
+                try:
+                    result = explainer.evaluate(image, method, metrics, target, batch_size,
+                                                steps.reach, metric_options, score=score,
+                                                **method_options[method])
+                except OnnxAttrError as err:
+                    failed += _report(err, image)
+                    continue
+                names = [q for q in QUANTITIES if q in result[method]]
+                if header is None:
+                    header = "  ".join(f"{q:>15}" for q in names)
+                    echo(f"{'image':<24} {'map':<32} {header}")
+                for name, values in result.items():
+                    cells = "  ".join(f"{values[q].value:>15.4g}" if q in values else
+                                      f"{'':>15}" for q in names)
+                    echo(f"{Path(image).name[:24]:<24} {name[:32]:<32} {cells}")
+    sys.exit(1 if failed else 0)
 
 
 @cli.command(short_help="Model-parameter randomization test (Adebayo et al. 2018) of "

@@ -15,6 +15,7 @@ from ..io.model import parse_numbers, parse_range
 from ..methods.explainer import DEFAULT_MODEL, Explainer
 from ..methods.figures import RenderOptions
 from ..methods.integration import DEFAULT_RULE, DEFAULT_STEPS, INTEGRATION_RULES, MAX_STEPS
+from ..methods.metrics import METRICS, parse_metrics
 from ..methods.table import DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS, SMOOTHINGS
 
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
@@ -169,3 +170,22 @@ def options_per_method(methods, given):
         if not any(name in METHODS[m].options for m in methods):
             raise OnnxAttrError(f"{flag(name)} does not apply to {', '.join(methods)}")
     return {m: {k: v for k, v in given.items() if k in METHODS[m].options} for m in methods}
+
+
+def metric_flags(option_name):
+    """Add the faithfulness flags (`option_name`: --metric or --metrics, comma-separated
+    names) to a command, which gets `metrics` (checked names, or [] when the flag is absent
+    and optional) and `metric_options`."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, metrics, metric_steps, **kwargs):
+            kwargs["metrics"] = parse_metrics(metrics) if metrics else []
+            kwargs["metric_options"] = {} if metric_steps is None else {"steps": metric_steps}
+            return command(*args, **kwargs)
+        wrapper = click.option("--metric-steps", type=click.IntRange(1),
+                               help="deletion, insertion, pixel-flipping: steps of the curve "
+                                    "[default: 50].")(wrapper)
+        return click.option(option_name, "metrics", metavar="NAMES",
+                            help=f"Faithfulness metrics, comma-separated: {', '.join(METRICS)} "
+                                 "(docs/faithfulness.md).")(wrapper)
+    return decorate

@@ -30,6 +30,7 @@ from ..io.files import WriteError, atomic_path, folder_lock, remove_temporaries
 from ..io.image import load_image
 from ..methods.figures import RenderOptions, write_figures
 from ..methods.table import METHODS, get_method
+from . import faithfulness
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SUMMARY_VERSION = 1
@@ -94,14 +95,17 @@ def image_key(path):
 
 
 def run_audit(explainer, paths, methods, out_dir, options=None, target=None, score="prob",
-              resume=False, advance=None, method_options=None):
+              resume=False, advance=None, method_options=None, metrics=None, metric_options=None):
     """Run `methods` on every image found in `paths` and write the figures and the summary.
 
     `options`: a `RenderOptions` (default: the example's map). `target`: class index or label to
     explain (None: each image's top-1 class). `resume`: skip images already done by an earlier
     run into `out_dir` with the same settings and their outputs present. `advance(n)` is called
     as methods finish (for a progress bar). `method_options`: {method: keyword options of
-    Explainer.explain} (e.g. integrated gradients' steps). Returns the summary dict, also written to
+    Explainer.explain} (e.g. integrated gradients' steps). `metrics`: faithfulness metrics
+    measured on every map (onnxattr.methods.metrics; `metric_options` as Explainer.evaluate's),
+    recorded per method with the controls, plotted and ranked (app/faithfulness.py). Returns
+    the summary dict, also written to
     `out_dir/summary.json`; `summary["counts"]` has how many images are done, failed, skipped.
     OnnxAttrError if another audit is writing into `out_dir` or a file cannot be written.
     """
@@ -116,7 +120,8 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
         raise OnnxAttrError("no image files found in " + ", ".join(map(str, paths)))
     settings = {"model_sha256": explainer.classifier.digest, "fit": explainer.fit, "score": score,
                 "target": target_index, "render": options.as_dict(), "onnxattr": __version__,
-                "method_options": method_options or {}}
+                "method_options": method_options or {}, "metrics": list(metrics or []),
+                "metric_options": metric_options or {}}
     advance = advance or (lambda n: None)
     summary = {"version": SUMMARY_VERSION, "methods": methods, "settings": settings,
                "counts": {}, "images": []}
@@ -137,7 +142,7 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
                 else:
                     entry = audit_image(explainer, path, key, methods, out_dir, options,
                                         target_index, score, settings, advance,
-                                        method_options or {})
+                                        method_options or {}, metrics, metric_options)
                 summary["images"].append(entry)
                 summary["counts"] = _counts(summary["images"], skipped)
                 write_summary(out_dir, summary)
@@ -156,7 +161,7 @@ def _kept(done):
 
 
 def audit_image(explainer, path, key, methods, out_dir, options, target_index, score, settings,
-                advance, method_options=None):
+                advance, method_options=None, metrics=None, metric_options=None):
     """One image: classify, every method, figures; a summary entry (never raises on bad input)."""
     entry = {"file": str(path), "key": key, "status": "failed", "error": None, "predicted": None,
              "top5": [], "target": None, "methods": {}, "outputs": {}, "settings": settings}
@@ -201,6 +206,17 @@ def audit_image(explainer, path, key, methods, out_dir, options, target_index, s
             for result in results:
                 entry["methods"][result.method].update(png=rel[result.method],
                                                        npy=rel[f"{result.method}.npy"])
+        if metrics:
+            try:
+                faithfulness.record_metrics(explainer, image, results, entry, metrics,
+                                            metric_options)
+                curves = faithfulness.save_curves(entry, out_dir / key / "curves.png")
+            except WriteError:
+                raise
+            except Exception as err:  # noqa: BLE001 - this image fails, the batch goes on
+                errors.append(f"metrics: {_message(err)}")
+            else:
+                entry["outputs"].update({"curves": f"{key}/curves.png"} if curves else {})
     entry["error"] = "; ".join(errors) or None
     entry["status"] = "failed" if errors else "done"
     return entry
@@ -282,7 +298,8 @@ def csv_rows(summary):
     columns = {m: ["time_s", *DELTA_KEYS, *(["layer"] if "layer" in METHODS[m].options else []),
                    "error"] for m in methods}
     header += [f"{m}_{column}" for m in methods for column in columns[m]]
-    rows = [header]
+    extra, cells = faithfulness.csv_columns(summary)
+    rows = [header + extra]
     for e in summary["images"]:
         predicted, target = e.get("predicted") or {}, e.get("target") or {}
         top = "; ".join(f"{t['label']} ({t['index']}) {t['prob']:.4f}" for t in e.get("top5", []))
@@ -294,7 +311,7 @@ def csv_rows(summary):
             record = e.get("methods", {}).get(m, {})
             row += [_text(record.get(column)) if column in TEXT_COLUMNS
                     else _fmt(record.get(column)) for column in columns[m]]
-        rows.append(row)
+        rows.append(row + [_fmt(value) for value in cells(e)])
     return rows
 
 
@@ -410,6 +427,8 @@ def _card(number, entry):
             links.append(f'<a href="{_url(record["png"])}">{text}</a>')
         else:
             links.append(f"<span>{text}</span>")
+    if outputs.get("curves"):
+        links.append(f'<a href="{_url(outputs["curves"])}">curves</a>')
     if links:
         parts.append(f'<div class="maps">{" ".join(links)}</div>')
     error = entry.get("error") or ""
@@ -452,6 +471,7 @@ def index_html(summary):
 </select></label>
 <span class="hint">click a photo for all its maps</span>
 </header>
+{faithfulness.ranking_html(summary)}
 <main id="grid">
 {cards}
 </main>

@@ -16,7 +16,8 @@ from ..io.model import load_model
 from ..io.render import attribution_map
 from .compile import CompiledEngine
 from .figures import RenderOptions
-from .table import get_method
+from .metrics import DEFAULT_METRICS, Subject, measure, parse_metrics
+from .table import CHUNK, get_method
 
 DEFAULT_MODEL = "models/googlenet.onnx"
 
@@ -207,6 +208,51 @@ class Explainer:
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
         self._say_contract()
         return results[0] if single else results
+
+    def evaluate(self, image, explanation_or_method="gradient", metrics=DEFAULT_METRICS,
+                 target=None, batch_size=None, progress=None, metric_options=None, seed=0,
+                 **options):
+        """Faithfulness metrics (onnxattr.methods.metrics) of a method's map on each image,
+        with the random-map and inverted-map controls: per image {map name: {quantity:
+        Result(value, curve)}}, e.g. `result["gradient"]["deletion_auc"].value`.
+
+        `explanation_or_method`: a method name (run here with `target`, `**options`), or the
+        Explanation(s) of these images. `metric_options`: one dict for every chosen metric
+        that takes the option (steps, patch, samples, noise, radius, normalize)."""
+        images, single = _as_list(image)
+        names = parse_metrics(metrics)
+        given = explanation_or_method
+        if isinstance(given, str):
+            explanations = self.explain(images, given, target, batch_size=batch_size, **options)
+        else:
+            explanations, _ = _as_list(given)
+            if len(explanations) != len(images):
+                raise OnnxAttrError(f"{len(explanations)} explanations for {len(images)} images")
+        check_counts(batch_size=batch_size)
+        pixels = self.pixels(images)
+        results = []
+        for n, (pix, explanation) in enumerate(zip(pixels, explanations)):
+            subject = Subject(self.engine, pix, explanation.class_index, batch_size or CHUNK,
+                              self._rerun(given, explanation, batch_size, options))
+            share = None if progress is None else (lambda s, n=n: progress((n + s) / len(images)))
+            results.append(measure(subject, explanation.attribution, explanation.method, names,
+                                   metric_options, seed, share))
+        return results[0] if single else results
+
+    def _rerun(self, method, explanation, batch_size, options):
+        """The method's attributions of perturbed copies of an image (max-sensitivity); None
+        for a given Explanation."""
+        if not isinstance(method, str):
+            return None
+        chosen = get_method(method)
+
+        def explain(perturbed):
+            targets = np.full(len(perturbed), explanation.class_index)
+            with np.errstate(all="ignore"):
+                return chosen.compute(self.engine, perturbed, targets, options.get("score", "prob"),
+                                      batch_size, **{k: v for k, v in options.items()
+                                                     if k != "score"})[0]
+        return explain
 
 
 def _is_number(text):
