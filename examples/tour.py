@@ -1,5 +1,5 @@
-"""A tour of onnxattr, top to bottom: load a model, explain, compare methods, compile and run
-the compiled model in onnxruntime alone.
+"""A tour of onnxattr, top to bottom: load a model, explain, compare methods, check which map
+is faithful to the model, compile and run the compiled model in onnxruntime alone.
 
     python examples/tour.py [MODEL] [IMAGE] [--out DIR]
 
@@ -47,8 +47,14 @@ def main(model, image, out):
     print(f"integrated gradients' completeness gap: "
           f"{results['integrated-gradients'].relative_convergence_delta:.1%}")
 
-    # 4. Faithfulness: LEAD fills this step when the faithfulness feature lands
-    #    (docs/faithfulness.md); until then the tour skips it.
+    # 4. Which map to trust: deletion and insertion (docs/faithfulness.md) of two maps, beside
+    #    a random map of the same image (lower deletion and higher insertion are better).
+    for method in ("gradient", "guided-backprop"):
+        scores = explainer.evaluate(image, results[method], metrics="deletion,insertion",
+                                    metric_options={"steps": 10})
+        for name, quantities in scores.items():
+            print(f"{name:22s} deletion AUC {quantities['deletion_auc'].value:.3f}, "
+                  f"insertion AUC {quantities['insertion_auc'].value:.3f}")
 
     # 5. Compile a standalone attribution model and run it in onnxruntime alone: inputs `image`
     #    (RGB pixels 0..255) and `target`, outputs the probabilities and the attribution.

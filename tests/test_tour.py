@@ -19,6 +19,10 @@ def test_tour_runs_top_to_bottom(small_classifier):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("class ") and "apple" in done.stdout  # the model's labels
     assert any(line.startswith("occlusion ") for line in lines)
+    faithfulness = [line for line in lines if "deletion AUC" in line]
+    assert [line.split(" deletion")[0].strip() for line in faithfulness] == [
+        "gradient", "random", "gradient (inverted)", "guided-backprop", "random",
+        "guided-backprop (inverted)"], faithfulness
     # the compiled model in onnxruntime alone gives the explainer's gradient
     difference = float(lines[-1].rsplit(" ", 1)[1])
     assert lines[-1].startswith("compiled model:") and difference <= 1e-6
