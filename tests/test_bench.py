@@ -126,3 +126,36 @@ def test_rewritten_branch_sums_keep_the_sum():
     assert [n.op_type for n in merged.graph.node] == ["Conv", "Concat", "Concat", "Conv", "Sum"]
     np.testing.assert_allclose(make_session(merged).run(None, feeds)[0], expected, rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("stride, pad, ceil", [(2, 0, 1), (1, 1, 0)])
+@pytest.mark.parametrize("layout", ["images", "grouped", "unfold"])
+def test_rejected_masked_max_pool_grad_routes_as_the_kept_form(stride, pad, ceil, layout):
+    """The masked MaxPool backward (bench_rejected_forms.py --only pool) sends each window's dY
+    to the same cell as the kept ScatterElements form, ties included: with small integer
+    values every sum is exact, so the two agree bit for bit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_backward_forms import build
+    from bench_rejected_forms import masked_pool_grad
+
+    from onnxattr.graph import backward_forms as forms
+    from onnxattr.graph.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    size, kernel, pads = [9, 9], [3, 3], [pad] * 4
+    geometry = dict(size=size, kernel=kernel, strides=[stride] * 2, pads=pads)
+    out = forms.window_output_size(dilations=[1, 1], ceil_mode=ceil, **geometry)
+    feeds = {"x": rng.integers(0, 3, (2, 3, *size)).astype(np.float32),  # many ties
+             "dy": rng.integers(-4, 5, (2, 3, *out)).astype(np.float32)}
+    inputs = {"x": [2, 3, *size], "dy": [2, 3, *out]}
+
+    def kept(em):
+        y = em.op("MaxPool", "x", kernel_shape=kernel, strides=[stride] * 2, pads=pads,
+                  ceil_mode=ceil)
+        return forms.max_pool_grad(em, "x", y, "dy", dilations=[1, 1], out_size=out,
+                                   form="indices", **geometry)
+
+    expected = make_session(build(inputs, kept)).run(None, feeds)[0]
+    masked = build(inputs, lambda em: masked_pool_grad(em, "x", "dy", out_size=out, ceil=ceil,
+                                                       layout=layout, **geometry))
+    np.testing.assert_array_equal(make_session(masked).run(None, feeds)[0], expected)
