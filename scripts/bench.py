@@ -329,8 +329,8 @@ def child(args):
     print(json.dumps({"seconds": seconds, "peak_mb": _status_mb("VmHWM"), "before_mb": before,
                       "pid": os.getpid(), "target": target, "versions": versions,
                       "builders": builders,
-                      "torch_loaded": any(module is not None and name.split(".")[0] == "torch"
-                                          for name, module in list(sys.modules.items()))}))
+                      "torch_loaded": any(module is not None and key.split(".")[0] == "torch"
+                                          for key, module in list(sys.modules.items()))}))
 
 
 def _captum_only_state(args, name, module):
