@@ -1,19 +1,27 @@
-"""Benchmark onnxattr against Captum, in one run, interleaved, per model.
+"""Benchmark onnxattr against Captum, per model, each side in a process of its own.
 
 Both sides compute the same thing on the same network and weights with the same number of
 threads: Captum on a float32 PyTorch model (GoogLeNet: built from the same Caffe files,
 tests/torch_googlenet.py; ResNet-18 and MobileNetV2: torchvision at random init, the zoo's
-calibration, tests/zoo_models.py), onnxattr on its ONNX export. Times are medians over repeats;
-each repeat runs every case on both sides back to back. On the CPU, peak memory is measured
-per case and side in a fresh process (VmHWM: the peak resident set of the whole process,
-imports and model included), so cases do not inherit each other's peaks; the onnxattr
-processes run without torch importable, as in a deployment stack without PyTorch. On CUDA
-(`--device cuda`, onnxruntime-gpu and torch with CUDA) both sides run on the GPU, float32-exact
-by default (`--precision tf32` lets both use TF32), timed with the GPU synchronised.
+calibration, tests/zoo_models.py), onnxattr on its ONNX export. By default every case runs on
+each side in a fresh child process, onnxattr's first, then Captum's: a warm-up call (its result
+is compared between the sides), then --repeats timed calls, whose median is the time. The parent
+only spawns the children and collects their JSON, so neither side runs on cores that the other
+one's thread pools still hold (onnxruntime's and torch's OpenMP threads keep spinning after a
+run). Each child gets the same thread count: onnxruntime's intra-op threads, torch's
+set_num_threads, and OMP/MKL/OPENBLAS_NUM_THREADS in its environment. Peak memory is the
+child's VmHWM (the peak resident set of the whole process, imports and model included); the
+onnxattr children run without torch importable, as in a deployment stack without PyTorch.
+`--same-process` times both sides in this process instead, interleaved per repeat (the old
+mode: each side then runs on cores the other's threads still spin on, which slows Captum's
+side most), with peak memory still from one child per case and side. On CUDA (`--device cuda`,
+onnxruntime-gpu and torch with CUDA) both sides run on the GPU, float32-exact by default
+(`--precision tf32` lets both use TF32), timed with the GPU synchronised.
 
     python scripts/bench.py [--models googlenet,resnet18,mobilenet_v2] [--device cpu|cuda]
                             [--precision float32|tf32] [--builder auto|native|onnxruntime]
                             [--threads 2] [--repeats 5] [--cases ...] [--json bench.json]
+                            [--same-process]
 
 The "gradient-<builder>" cases time the gradient graph of each builder side by side (the
 native graph and onnxruntime-training's, lowered to standard ops); "rel L2" checks that both
@@ -21,7 +29,8 @@ sides computed the same thing. With "forward-batch64" in the cases, each IG case
 floor: the time of gradients that cost exactly two of onnxattr's forward passes at batch 64 per
 path image (the forward pass, and one adjoint per convolution with the same multiply-adds), as
 a ratio to Captum's time for the case: only the forward's few ops besides its convolutions
-could make a gradient of onnxruntime's kernels a little cheaper.
+could make a gradient of onnxruntime's kernels a little cheaper. The gradient cases print their
+ratio to their floor too (two forward passes at the same batch).
 """
 
 import argparse
@@ -31,6 +40,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,12 +79,21 @@ def parse_args(argv=None):
     parser.add_argument("--ig-batch-sizes", default="1,10,25,50")
     parser.add_argument("--smoothgrad-samples", type=int, default=25)
     parser.add_argument("--cases", default=None, help="comma-separated subset of the cases")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-process peaks")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak memory children of --same-process")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "bench",
                         help="exported zoo models are cached here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time both sides in this process, interleaved (not the default: "
+                             "each side's idle threads slow the other)")
+    # a child process: one case on one side (with the target class to explain, and where to
+    # save the warm-up call's result), or the export of a zoo model
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "SIDE", "CASE"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--export", metavar="MODEL", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -170,6 +189,9 @@ class OnnxattrSide:
         self.batch = (self.pixels + noise).clip(0, 255).astype(np.float32)
         self._others = {}
 
+    def sync(self):
+        """Nothing to wait for: onnxruntime returns its outputs in host memory."""
+
     def other(self, builder):
         """The engine of an Explainer with another builder (for the gradient-<builder> cases)."""
         from onnxattr import Explainer
@@ -241,6 +263,11 @@ class CaptumSide:
         self.interpolate = LayerAttribution.interpolate
         self.torch = torch
 
+    def sync(self):
+        """Wait for the GPU's queued work (a CUDA call returns before it is done)."""
+        if self.x.is_cuda:
+            self.torch.cuda.synchronize()
+
     def occlude(self):
         """Captum's Occlusion with onnxattr's mask, stride and mask value (forward passes only,
         so without autograd: Captum's best case)."""
@@ -260,13 +287,10 @@ class CaptumSide:
         return self.interpolate(cam, tuple(self.x.shape[2:]), "bilinear")
 
 
-def timed(call, state, device):
+def timed(call, state):
     start = time.perf_counter()
     result = call(state)
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
+    state.sync()
     return time.perf_counter() - start, result
 
 
@@ -279,26 +303,45 @@ def to_numpy(result):
 
 
 def child(args):
-    """Run one case once on one side in this fresh process; print its peak memory."""
+    """Run one case on one side in this fresh process: a warm-up call (its result saved to
+    --result), then --repeats timed calls; print the times, the peak memory, this process's id
+    and whether torch was loaded, as JSON."""
     name, side, case = args.child
     if side == "onnxattr":
         sys.modules["torch"] = None  # a stack without PyTorch
         state = OnnxattrSide(args, model_path(args, name))
+        target = state.targets[0]
+        import onnxruntime
+
+        versions = {"onnxruntime": onnxruntime.__version__}
     else:
         state = _captum_only_state(args, name, torch_module(args, name))
+        target = state.target
+        versions = {"torch": state.torch.__version__,
+                    "gpu": state.torch.cuda.get_device_name() if args.device == "cuda" else None}
     before = _status_mb("VmRSS")
     call = cases(args)[case][0 if side == "onnxattr" else 1]
-    call(state)
-    print(json.dumps({"peak_mb": _status_mb("VmHWM"), "before_mb": before}))
+    _, result = timed(call, state)
+    if args.result:
+        np.save(args.result, to_numpy(result))
+    seconds = [timed(call, state)[0] for _ in range(args.repeats)]
+    builders = _builders(state.engine) if side == "onnxattr" else {}
+    print(json.dumps({"seconds": seconds, "peak_mb": _status_mb("VmHWM"), "before_mb": before,
+                      "pid": os.getpid(), "target": target, "versions": versions,
+                      "builders": builders,
+                      "torch_loaded": any(module is not None and key.split(".")[0] == "torch"
+                                          for key, module in list(sys.modules.items()))}))
 
 
 def _captum_only_state(args, name, module):
-    """Captum's side without loading onnxattr's runtime: the same pixels and target."""
+    """Captum's side without loading onnxattr's runtime: the same pixels, and --target (else
+    the model's top-1 class)."""
     from onnxattr.io.image import load_pixels
 
     pixels = load_pixels(PHOTO, (224, 224))[None]
-    state = CaptumSide(args, name, module, pixels, 0)
-    state.target = int(state.model(state.x).argmax())
+    state = CaptumSide(args, name, module, pixels, args.target)
+    if args.target is None:
+        state.target = int(state.model(state.x).argmax())
     return state
 
 
@@ -309,50 +352,112 @@ def _status_mb(field):
     return int(line.split()[1]) / 1024
 
 
+def run_child(args, *options):
+    """This script in a fresh process with the run's settings and `options`, every thread pool
+    at --threads; its last line of output, as JSON."""
+    command = [sys.executable, __file__, "--model", str(args.model),
+               "--caffe", str(args.caffe), "--threads", str(args.threads), "--repeats",
+               str(args.repeats), "--out", str(args.out), "--device", args.device,
+               "--precision", args.precision, "--builder", args.builder,
+               "--ig-steps", args.ig_steps, "--ig-batch-sizes", args.ig_batch_sizes,
+               "--smoothgrad-samples", str(args.smoothgrad_samples), *options]
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"bench child {' '.join(options)} failed:\n{result.stderr[-3000:]}")
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
 def peak_memory(args, name, side, case):
-    command = [sys.executable, __file__, "--child", name, side, case, "--model", str(args.model),
-               "--caffe", str(args.caffe), "--threads", str(args.threads), "--out",
-               str(args.out), "--builder", args.builder, "--ig-steps", args.ig_steps,
-               "--ig-batch-sizes", args.ig_batch_sizes,
-               "--smoothgrad-samples", str(args.smoothgrad_samples)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """The peak memory of one call of the case on the side, in a fresh process."""
+    return run_child(args, "--child", name, side, case, "--repeats", "0")
 
 
 def relative_l2(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def measure_model(args, name):
-    """The table of one model: a row per case."""
+def measure_separately(args, name, workdir):
+    """The table of one model, each case on each side in a fresh process (onnxattr's first: it
+    picks the class that Captum's explains too)."""
+    if not model_path(args, name).exists():
+        run_child(args, "--export", name)
+    rows, builders, versions = [], {}, {}
+    for case in cases(args):
+        sides = {}
+        for side in ("onnxattr", "captum"):
+            target = [] if side == "onnxattr" else ["--target", str(sides["onnxattr"]["target"])]
+            sides[side] = run_child(args, "--child", name, side, case, *target,
+                                    "--result", str(workdir / f"{name}-{case}-{side}.npy"))
+            builders.update(sides[side]["builders"])
+            versions.update(sides[side]["versions"])
+        ours, theirs = (np.load(workdir / f"{name}-{case}-{side}.npy")
+                        for side in ("onnxattr", "captum"))
+        row = {"case": case, "relative_l2": agreement(case, ours, theirs)}
+        for side, result in sides.items():
+            row[f"{side}_s"] = statistics.median(result["seconds"])
+            row[f"{side}_pid"] = result["pid"]
+            if args.device == "cpu":
+                row[f"{side}_peak_mb"] = result["peak_mb"]
+        row["onnxattr_torch_loaded"] = sides["onnxattr"]["torch_loaded"]
+        rows.append(row)
+    return summary(name, rows, builders, versions)
+
+
+def measure_in_process(args, name):
+    """The table of one model, both sides in this process, interleaved per repeat (peak
+    memory from a fresh process per case and side)."""
+    import onnxruntime
+
     module = torch_module(args, name)
     table = cases(args)
     ours = OnnxattrSide(args, model_path(args, name))
     theirs = CaptumSide(args, name, module, ours.pixels, ours.targets[0])
     times = {case: {"onnxattr": [], "captum": []} for case in table}
-    agreement = {}
+    results = {}
     for case, (ours_call, theirs_call) in table.items():  # warm-up, and the agreement check
-        a, b = to_numpy(ours_call(ours)), to_numpy(theirs_call(theirs))
-        # SmoothGrad draws its own noise on each side: no common answer to compare
-        agreement[case] = None if case == "smoothgrad" else relative_l2(a.reshape(b.shape), b)
+        results[case] = agreement(case, to_numpy(ours_call(ours)), to_numpy(theirs_call(theirs)))
     for _ in range(args.repeats):
         for case, (ours_call, theirs_call) in table.items():
-            times[case]["onnxattr"].append(timed(ours_call, ours, args.device)[0])
-            times[case]["captum"].append(timed(theirs_call, theirs, args.device)[0])
+            times[case]["onnxattr"].append(timed(ours_call, ours)[0])
+            times[case]["captum"].append(timed(theirs_call, theirs)[0])
     rows = []
     for case in table:
-        row = {"case": case, "relative_l2": agreement[case]}
+        row = {"case": case, "relative_l2": results[case]}
         for side in ("onnxattr", "captum"):
             row[f"{side}_s"] = statistics.median(times[case][side])
-        row["time_ratio"] = row["onnxattr_s"] / row["captum_s"]
-        if not args.no_memory and args.device == "cpu":
-            for side in ("onnxattr", "captum"):
+            row[f"{side}_pid"] = os.getpid()
+            if not args.no_memory and args.device == "cpu":
                 row[f"{side}_peak_mb"] = peak_memory(args, name, side, case)["peak_mb"]
-            row["memory_ratio"] = row["onnxattr_peak_mb"] / row["captum_peak_mb"]
         rows.append(row)
+    torch = theirs.torch
+    versions = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    return summary(name, rows, _builders(ours.engine), versions)
+
+
+def agreement(case, ours, theirs):
+    """The relative L2 distance of onnxattr's result to Captum's (None for SmoothGrad: each
+    side draws its own noise, there is no common answer)."""
+    return None if case == "smoothgrad" else relative_l2(ours.reshape(theirs.shape), theirs)
+
+
+def _builders(engine):
+    return {"/".join(str(k) for k in key if k): b for key, b in engine.builders_used.items()}
+
+
+def summary(name, rows, builders, versions):
+    """A model's report: its rows with their time and memory ratios, and the gradient and IG
+    cases' ratios to their floors."""
+    for row in rows:
+        row["time_ratio"] = row["onnxattr_s"] / row["captum_s"]
+        if "onnxattr_peak_mb" in row:
+            row["memory_ratio"] = row["onnxattr_peak_mb"] / row["captum_peak_mb"]
     seconds = {r["case"]: r["onnxattr_s"] for r in rows}
-    used = {"/".join(str(k) for k in key if k): b for key, b in ours.engine.builders_used.items()}
-    return {"model": name, "rows": rows, "builders": used,
+    return {"model": name, "rows": rows, "builders": builders, "versions": versions,
             "gradient_over_forward": _ratio(seconds, "gradient", "forward"),
             "gradient_over_forward_batch": _ratio(seconds, f"gradient-batch{BATCH}",
                                                   f"forward-batch{BATCH}"),
@@ -365,7 +470,8 @@ def _ratio(seconds, case, other):
 
 def ig_floors(rows):
     """For each IG case: the time of `steps` gradients that cost two forward passes each at
-    batch BATCH, and its ratio to Captum's time for the case."""
+    batch BATCH, its ratio to Captum's time for the case ("ratio") and onnxattr's time over it
+    ("over_floor")."""
     by_case = {r["case"]: r for r in rows}
     forward = by_case.get(f"forward-batch{BATCH}")
     if forward is None:
@@ -375,25 +481,30 @@ def ig_floors(rows):
         if case.startswith("ig-"):
             steps = int(case.split("-")[1])
             seconds = 2 * steps * forward["onnxattr_s"] / BATCH
-            floors[case] = {"seconds": seconds, "ratio": seconds / row["captum_s"]}
+            floors[case] = {"seconds": seconds, "ratio": seconds / row["captum_s"],
+                            "over_floor": row["onnxattr_s"] / seconds}
     return floors
 
 
 def machine(args):
-    import onnxruntime
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": args.threads, "repeats": args.repeats, "python": platform.python_version(),
-            "device": args.device, "precision": args.precision,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    """How the run measures: the mode, the threads, the CPU (the GPU and the library versions
+    are added from the first model's report)."""
+    with open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info
+                    if line.startswith("model name")), platform.machine())
+    return {"mode": "same process" if args.same_process else "separate processes",
+            "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
+            "repeats": args.repeats, "python": platform.python_version(),
+            "device": args.device, "precision": args.precision}
 
 
 def print_table(report, machine_info):
     m = machine_info
-    where = m["gpu"] or f"{m['cores']} cores, {m['threads']} threads"
-    print(f"\n{report['model']} 224x224, batch 1; {where}, {m['precision']}; medians of "
+    mode = ("both sides in one process, interleaved" if m["mode"] == "same process" else
+            "each side and case in a process of its own")
+    where = f"{m['gpu']}, " if m.get("gpu") else ""
+    print(f"\n{report['model']} 224x224, batch 1; measured with {mode}, {m['threads']} threads "
+          f"each; {where}{m['cpu']}, {m['cores']} cores; {m['precision']}; medians of "
           f"{m['repeats']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}; builders used: "
           f"{report['builders']}")
     memory = "onnxattr_peak_mb" in report["rows"][0]
@@ -408,30 +519,39 @@ def print_table(report, machine_info):
                      f" {r['memory_ratio']:5.2f} |")
         agreement = "random" if r["relative_l2"] is None else f"{r['relative_l2']:.1e}"
         print(line + f" {agreement:>8} |")
-    if report["gradient_over_forward"]:
-        print(f"onnxattr gradient / forward: {report['gradient_over_forward']:.2f}")
-    if report["gradient_over_forward_batch"]:
-        print(f"onnxattr gradient / forward at batch {BATCH}: "
-              f"{report['gradient_over_forward_batch']:.2f}")
+    for key, batch in (("gradient_over_forward", "batch 1"),
+                       ("gradient_over_forward_batch", f"batch {BATCH}")):
+        if report[key]:
+            print(f"onnxattr gradient / forward at {batch}: {report[key]:.2f} (over its floor of "
+                  f"two forward passes: {report[key] / 2:.2f})")
     for case, floor in report["ig_floors"].items():
         print(f"{case} floor (two forward passes at batch {BATCH} per path image): "
-              f"{floor['seconds']:.2f} s, ratio {floor['ratio']:.2f}")
+              f"{floor['seconds']:.2f} s, {floor['ratio']:.2f} of Captum's time; onnxattr "
+              f"{floor['over_floor']:.2f} times its floor")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
+    if args.export:
+        return torch_module(args, args.export)
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         sys.exit(f"unknown model(s): {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
+    cases(args)  # an unknown case stops here, before any child starts
     info = machine(args)
     reports = []
-    for name in args.models.split(","):
-        reports.append(measure_model(args, name))
-        print_table(reports[-1], info)
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models.split(","):
+            report = (measure_in_process(args, name) if args.same_process else
+                      measure_separately(args, name, Path(workdir)))
+            info.update(report.pop("versions"))
+            reports.append(report)
+            print_table(report, info)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "models": reports}, indent=2))
+        args.json.write_text(json.dumps({"machine": info, "parent_pid": os.getpid(),
+                                         "models": reports}, indent=2))
 
 
 if __name__ == "__main__":

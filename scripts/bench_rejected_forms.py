@@ -4,7 +4,7 @@ compared with the kept form's: "equal" bit for bit, else the largest difference)
 forms are in onnxattr/graph/backward_forms.py; this script is the record of why the others lost.
 
     python scripts/bench_rejected_forms.py [--threads 1] [--runs 21]
-        [--only strided|gate|scatter|sums] [--googlenet models/googlenet.onnx]
+        [--only strided|gate|scatter|pool|sums] [--googlenet models/googlenet.onnx]
 
 strided  a strided convolution's input gradient (ResNet-18's and MobileNetV2's strided layers):
          ConvTranspose (kept) against zero insertion (dY spread onto the stride grid with
@@ -14,6 +14,23 @@ strided  a strided convolution's input gradient (ResNet-18's and MobileNetV2's s
 gate     a ReLU's and a ReLU6's gate: dY * Cast(Y > 0) and dY * Cast((Y > 0) And (Y < 6))
          (kept) against dY * Sign(Y), dY * Sign(Min(Y, 6 - Y)) and Where.
 scatter  MaxPool's backward scatter: ScatterElements (kept) against ScatterND.
+pool     MaxPool's backward at GoogLeNet's pools (issue 28), each with the forward MaxPool:
+         the kept form (backward_forms.max_pool_grad "indices": MaxPool with Indices, dY
+         scattered at them) against a windowed equality mask of the same argmax: Equal of the
+         Indices (Mod H*W) to a constant [1, k*k, out...] of each window cell's index, so one
+         cell per window, the first maximum, ties included, takes dY (Cast, Mul), and the
+         cells go back with one-hot kernels through the adjoint convolution
+         (backward_forms.conv_input_grad: a flipped Conv at stride 1, ConvTranspose at stride
+         2), either over N*C one-channel images or as one Conv grouped by channel; and, with
+         no indexed MaxPool, the windows unfolded by a grouped one-hot Conv (which onnxruntime
+         may run in its NCHWc layout) and the first maximum their ArgMax. All route dY to the
+         kept form's cells (bit for bit with integer values: tests/test_bench.py); with real
+         values their sums of overlapping windows round in another order (max|diff| 1e-6).
+         All lost at every pool, 1 thread, medians of 15 interleaved runs on the shared 2-core
+         machine under load (ratios to the kept form within one run; two runs): N*C images
+         1.27-3.1x, grouped 1.28-2.4x, unfold 1.31-2.1x (inception_4a/pool up to 6x in the
+         noisier run). The one-hot adjoint over k*k channels costs more than the scatter it
+         replaces, and the unfolding Conv more than the indexed MaxPool.
 sums     GoogLeNet's gradient graph with each n-ary Sum of branch gradients as a chain of
          binary Adds (which onnxruntime keeps in its NCHWc layout), or with the 1x1 Conv
          adjoints of an inception module's branches merged into one Conv over their
@@ -32,7 +49,7 @@ from onnx import helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_backward_forms import build, compare  # noqa: E402
+from bench_backward_forms import POOL_LAYERS, build, compare  # noqa: E402
 
 from onnxattr.graph import backward_forms as forms  # noqa: E402
 from onnxattr.graph.runtime import onnxruntime  # noqa: E402
@@ -184,6 +201,87 @@ def bench_scatter(args):
               "ScatterND": build(inputs, nd)}, feeds, args)
 
 
+def window_cell_indices(size, kernel, strides, pads, out_size):
+    """[1, k*k, out...] int64: the flat spatial index (row * W + column) in X of window cell j
+    (scan order) of each output cell; -1 where the cell is padding (no Indices value is)."""
+    (h, w), (kh, kw), (sh, sw) = size, kernel, strides
+    rows = (np.arange(out_size[0])[None, :] * sh - pads[0] + np.arange(kh)[:, None])
+    cols = (np.arange(out_size[1])[None, :] * sw - pads[1] + np.arange(kw)[:, None])
+    r, c = rows[:, None, :, None], cols[None, :, None, :]
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    return np.where(inside, r * w + c, -1).reshape(1, kh * kw, *out_size).astype(np.int64)
+
+
+def masked_pool_grad(em, x, dy, size, kernel, strides, pads, out_size, ceil, layout):
+    """MaxPool's dX as a windowed equality mask of the first maximum times dY, put back by
+    one-hot kernels (see the module docstring, "pool"). `layout`: "images" (the Indices' mask
+    over N*C one-channel images), "grouped" (the same as a Conv grouped by channel) or
+    "unfold" (grouped, the first maximum the ArgMax of the unfolded windows)."""
+    cells, c = int(np.prod(kernel)), em.inferred_shape(x)[1]
+    onehot = forms._unfold_kernels(kernel, np.float32)
+    if layout == "unfold":
+        end = [s * (o - 1) + k - x_ - p for s, o, k, x_, p in zip(strides, out_size, kernel,
+                                                                   size, pads)]
+        padded = em.op("Pad", x, ints(em, [0, 0, *pads[:2], 0, 0, *end]),
+                       em.const(np.array(forms.FLOAT_MIN[np.dtype(np.float32)], np.float32)))
+        unfolded = em.op("Conv", padded, em.const(np.tile(onehot, (c, 1, 1, 1))),
+                         kernel_shape=list(kernel), strides=list(strides), group=c)
+        first = em.op("ArgMax", em.op("Reshape", unfolded, ints(em, [0, c, cells, *out_size])),
+                      axis=2, keepdims=1)
+        hit = em.op("Equal", first, em.const(np.arange(cells).reshape(1, 1, cells, 1, 1)))
+    else:
+        _, indices = em.op("MaxPool", x, outputs=2, kernel_shape=list(kernel),
+                           strides=list(strides), pads=list(pads), ceil_mode=ceil)
+        spatial = em.op("Mod", indices, ints(em, [size[0] * size[1]]))
+        index = window_cell_indices(size, kernel, strides, pads, out_size)
+    if layout == "images":  # [N*C, 1, out...] against [1, k*k, out...]
+        images = ints(em, [-1, 1, *out_size])
+        hit = em.op("Equal", em.op("Reshape", spatial, images), em.const(index))
+        dy_cells, shape, group = em.op("Reshape", dy, images), [-1, cells, *out_size], 1
+    else:  # [N, C, 1, out...] against [1, 1, k*k, out...]: [N, C * k*k, out...]
+        if layout == "grouped":
+            hit = em.op("Equal", em.op("Unsqueeze", spatial, ints(em, [2])),
+                        em.const(index[None]))
+        dy_cells = em.op("Unsqueeze", dy, ints(em, [2]))
+        shape, group, onehot = [0, c * cells, *out_size], c, np.tile(onehot, (c, 1, 1, 1))
+    routed = em.op("Reshape", em.op("Mul", dy_cells, em.op("Cast", hit, to=1)), ints(em, shape))
+    back = forms.conv_input_grad(em, routed, em.const(onehot), list(size), list(kernel),
+                                 list(strides), list(pads), [1, 1], group, list(onehot.shape),
+                                 out_size=list(out_size))
+    return em.op("Reshape", back, ints(em, [-1, c, *size])) if layout == "images" else back
+
+
+def bench_pool(args):
+    """The kept MaxPool backward against the masked forms, at GoogLeNet's pools; the inputs are
+    post-ReLU (a third exact zeros), so all-zero windows and ties are common."""
+    rng = np.random.default_rng(1)
+    for title, (n, c, size, k, s, p, ceil) in POOL_LAYERS.items():
+        geometry = dict(size=[size, size], kernel=[k, k], strides=[s, s], pads=[p] * 4)
+        out = forms.window_output_size(dilations=[1, 1], ceil_mode=ceil, **geometry)
+        x = np.maximum(rng.standard_normal((n, c, size, size)), 0).astype(np.float32)
+        feeds = {"x": x, "dy": rng.standard_normal((n, c, *out)).astype(np.float32)}
+        inputs = {"x": [n, c, size, size], "dy": [n, c, *out]}
+
+        def kept(em):
+            y = em.op("MaxPool", "x", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+                      ceil_mode=ceil)
+            return forms.max_pool_grad(em, "x", y, "dy", dilations=[1, 1], out_size=out,
+                                       form="indices", **geometry)
+
+        def masked(em, layout):
+            return masked_pool_grad(em, "x", "dy", out_size=out, ceil=ceil, layout=layout,
+                                    **geometry)
+
+        race(f"MaxPool backward, {title}",
+             {"Indices, ScatterElements (kept)": build(inputs, kept),
+              "Indices mask, one-hot adjoint on N*C images": build(
+                  inputs, lambda em: masked(em, "images")),
+              "Indices mask, one-hot adjoint grouped by C": build(
+                  inputs, lambda em: masked(em, "grouped")),
+              "unfolding grouped Conv, ArgMax mask, grouped": build(
+                  inputs, lambda em: masked(em, "unfold"))}, feeds, args)
+
+
 def chained_adds(graph):
     """The graph with every Sum of more than two inputs as a chain of binary Adds."""
     chained = onnx.ModelProto()
@@ -260,13 +358,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=21)
-    parser.add_argument("--only", choices=["strided", "gate", "scatter", "sums"])
+    parser.add_argument("--only", choices=["strided", "gate", "scatter", "pool", "sums"])
     parser.add_argument("--googlenet", default=str(REPO / "models" / "googlenet.onnx"))
     args = parser.parse_args(argv)
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), medians of "
           f"{args.runs}")
     for part, bench in {"strided": bench_strided, "gate": bench_gate, "scatter": bench_scatter,
-                        "sums": bench_sums}.items():
+                        "pool": bench_pool, "sums": bench_sums}.items():
         if args.only in (None, part):
             bench(args)
 

@@ -14,18 +14,40 @@ BENCH = REPO / "scripts" / "bench.py"
 CASES = "forward,gradient,gradient-native,forward-batch64,ig-4-batch4"
 
 
-@pytest.mark.slow
-def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tmp_path):
-    """The timed table (memory is measured in child processes, one per case and side: that
-    part is smoke-tested below on one case)."""
-    pytest.importorskip("captum")
+def run_bench(googlenet_path, googlenet_caffe_dir, tmp_path, *options):
+    """scripts/bench.py on GoogLeNet with a graph cache of its own: its JSON report."""
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(BENCH), "--model", str(googlenet_path),
-                    "--caffe", str(googlenet_caffe_dir), "--repeats", "1", "--ig-steps", "4",
-                    "--ig-batch-sizes", "4", "--cases", CASES, "--no-memory", "--json",
+    subprocess.run([sys.executable, str(BENCH), "--model", str(googlenet_path), "--caffe",
+                    str(googlenet_caffe_dir), "--out", str(tmp_path), *options, "--json",
                     str(out)], check=True, capture_output=True, text=True,
                    env={**os.environ, "ONNXATTR_CACHE": str(tmp_path / "cache")})
-    (report,) = json.loads(out.read_text())["models"]
+    return json.loads(out.read_text())
+
+
+def test_by_default_each_side_times_in_a_process_of_its_own(googlenet_path, googlenet_caffe_dir,
+                                                             tmp_path):
+    """onnxattr's and Captum's calls are timed in two child processes, neither of them the
+    parent, and torch is never loaded where onnxattr runs; the table says so."""
+    pytest.importorskip("captum")
+    report = run_bench(googlenet_path, googlenet_caffe_dir, tmp_path, "--cases", "forward",
+                       "--repeats", "1", "--threads", "1")
+    assert report["machine"]["mode"] == "separate processes"
+    assert report["machine"]["threads"] == 1 and report["machine"]["cores"] > 0
+    (row,) = report["models"][0]["rows"]
+    assert len({row["onnxattr_pid"], row["captum_pid"], report["parent_pid"]}) == 3
+    assert row["onnxattr_torch_loaded"] is False
+    assert row["onnxattr_peak_mb"] > 0 and row["captum_peak_mb"] > 0
+    assert row["relative_l2"] < 1e-4
+
+
+@pytest.mark.slow
+def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tmp_path):
+    """The timed table of --same-process (memory is measured in child processes, one per case
+    and side: that part is smoke-tested below on one case)."""
+    pytest.importorskip("captum")
+    (report,) = run_bench(googlenet_path, googlenet_caffe_dir, tmp_path, "--same-process",
+                          "--repeats", "1", "--ig-steps", "4", "--ig-batch-sizes", "4",
+                          "--cases", CASES, "--no-memory")["models"]
     assert report["model"] == "googlenet"
     assert [r["case"] for r in report["rows"]] == CASES.split(",")
     for row in report["rows"]:
@@ -42,8 +64,9 @@ def test_ig_floor_is_two_forward_passes_per_step():
     rows = [{"case": f"forward-batch{BATCH}", "onnxattr_s": BATCH * 0.5, "captum_s": 1.0},
             {"case": "ig-50-batch16", "onnxattr_s": 9.0, "captum_s": 200.0},
             {"case": "ig-50-default", "onnxattr_s": 9.0, "captum_s": 100.0}]
-    assert ig_floors(rows) == {"ig-50-batch16": {"seconds": 50.0, "ratio": 0.25},
-                               "ig-50-default": {"seconds": 50.0, "ratio": 0.5}}
+    assert ig_floors(rows) == {
+        "ig-50-batch16": {"seconds": 50.0, "ratio": 0.25, "over_floor": 0.18},
+        "ig-50-default": {"seconds": 50.0, "ratio": 0.5, "over_floor": 0.18}}
     assert ig_floors(rows[1:]) == {}
 
 
@@ -54,7 +77,8 @@ def test_bench_child_reports_its_peak_memory(side, googlenet_path, googlenet_caf
         pytest.importorskip("captum")
     result = subprocess.run([sys.executable, str(BENCH), "--child", "googlenet", side, "gradient",
                              "--model", str(googlenet_path), "--caffe", str(googlenet_caffe_dir),
-                             "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+                             "--out", str(tmp_path), "--repeats", "0"], check=True,
+                            capture_output=True, text=True,
                             env={**os.environ, "ONNXATTR_CACHE": str(tmp_path / "cache")})
     memory = json.loads(result.stdout.strip().splitlines()[-1])
     # before_mb is taken with the model loaded: the gradient call allocates beyond it
@@ -102,3 +126,36 @@ def test_rewritten_branch_sums_keep_the_sum():
     assert [n.op_type for n in merged.graph.node] == ["Conv", "Concat", "Concat", "Conv", "Sum"]
     np.testing.assert_allclose(make_session(merged).run(None, feeds)[0], expected, rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("stride, pad, ceil", [(2, 0, 1), (1, 1, 0)])
+@pytest.mark.parametrize("layout", ["images", "grouped", "unfold"])
+def test_rejected_masked_max_pool_grad_routes_as_the_kept_form(stride, pad, ceil, layout):
+    """The masked MaxPool backward (bench_rejected_forms.py --only pool) sends each window's dY
+    to the same cell as the kept ScatterElements form, ties included: with small integer
+    values every sum is exact, so the two agree bit for bit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_backward_forms import build
+    from bench_rejected_forms import masked_pool_grad
+
+    from onnxattr.graph import backward_forms as forms
+    from onnxattr.graph.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    size, kernel, pads = [9, 9], [3, 3], [pad] * 4
+    geometry = dict(size=size, kernel=kernel, strides=[stride] * 2, pads=pads)
+    out = forms.window_output_size(dilations=[1, 1], ceil_mode=ceil, **geometry)
+    feeds = {"x": rng.integers(0, 3, (2, 3, *size)).astype(np.float32),  # many ties
+             "dy": rng.integers(-4, 5, (2, 3, *out)).astype(np.float32)}
+    inputs = {"x": [2, 3, *size], "dy": [2, 3, *out]}
+
+    def kept(em):
+        y = em.op("MaxPool", "x", kernel_shape=kernel, strides=[stride] * 2, pads=pads,
+                  ceil_mode=ceil)
+        return forms.max_pool_grad(em, "x", y, "dy", dilations=[1, 1], out_size=out,
+                                   form="indices", **geometry)
+
+    expected = make_session(build(inputs, kept)).run(None, feeds)[0]
+    masked = build(inputs, lambda em: masked_pool_grad(em, "x", "dy", out_size=out, ceil=ceil,
+                                                       layout=layout, **geometry))
+    np.testing.assert_array_equal(make_session(masked).run(None, feeds)[0], expected)
