@@ -11,7 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench.py"
-CASES = "forward,gradient,gradient-native,forward-batch64,ig-4-batch4"
+# the same-process smoke test's cases: batch 1 only (the batch-64 cases took most of its time;
+# the IG floors they feed are tested on fixed rows below)
+CASES = "forward,gradient,gradient-native,ig-4-batch4"
 
 
 def run_bench(googlenet_path, googlenet_caffe_dir, tmp_path, *options):
@@ -54,7 +56,6 @@ def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tm
         assert row["onnxattr_s"] > 0 and row["captum_s"] > 0
         assert row["relative_l2"] < 2e-2, row
     assert report["gradient_over_forward"] > 1
-    assert list(report["ig_floors"]) == ["ig-4-batch4"]
 
 
 def test_ig_floor_is_two_forward_passes_per_step():
