@@ -277,6 +277,8 @@ def prepare_forward(classifier, fixes=None, outputs=()):
 def _expose_class_outputs(editor, classifier, opset):
     """Make the graph's outputs exactly `prob` and `logits`, adding a Softmax if it has none."""
     graph = editor.graph
+    for name in {PROB, LOGITS} - {classifier.logits_output, classifier.prob_output}:
+        _rename(graph, name, editor.unique(name))  # another output's tensor (--output)
     nodes = []
     if classifier.logits_output != LOGITS:
         nodes.append(editor.node("Identity", [classifier.logits_output], [LOGITS], LOGITS))
@@ -291,6 +293,13 @@ def _expose_class_outputs(editor, classifier, opset):
     graph.output.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch, classifier.num_classes])
         for name in (PROB, LOGITS))
+
+
+def _rename(graph, name, new):
+    """Rename tensor `name` of `graph` (made by a node) to `new`."""
+    for node in graph.node:
+        node.input[:] = [new if i == name else i for i in node.input]
+        node.output[:] = [new if o == name else o for o in node.output]
 
 
 def gradient_output(wrt):
