@@ -20,9 +20,10 @@ def _weights(rng, *shape, scale=0.5):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0, size=(SIZE, SIZE)):
+def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0, size=(SIZE, SIZE),
+               channels_last=False):
     """Wrap `nodes` (image -> `features` [N, F]) with a Gemm head and optionally a Softmax;
-    the image is [N, 3, *size]."""
+    the image is [N, 3, *size], or [N, *size, 3] `channels_last`."""
     rng = np.random.default_rng(seed + 100)
     dim = initializers.pop("__features__")
     initializers = dict(initializers, head_w=_weights(rng, classes, dim, scale=0.3),
@@ -34,8 +35,9 @@ def classifier(nodes, initializers, features, classes=5, softmax=True, seed=0, s
         nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1))
         outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])]
     graph = helper.make_graph(
-        nodes, "small", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                       ["N", 3, *size])], outputs,
+        nodes, "small", [helper.make_tensor_value_info(
+            "image", TensorProto.FLOAT, ["N", *size, 3] if channels_last else ["N", 3, *size])],
+        outputs,
         [numpy_helper.from_array(v, k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -76,6 +78,29 @@ def conv_relu_global_pool(size=(9, 7), seed=0):
     return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
                               "w2": _weights(rng, 6, 4, 3, 3), "b2": _weights(rng, 6),
                               "__features__": 6}, "f", seed=seed, size=size)
+
+
+def channels_last_cnn(seed=0, size=(8, 6)):
+    """A CNN as tf2onnx writes a Keras one (channels-last, the default): image [N, H, W, 3] ->
+    Transpose to NCHW -> Conv -> Relu -> Conv (stride 2) -> Relu -> Transpose(0, 2, 3, 1) back
+    to channels-last [N, h, w, 6] -> Flatten -> Gemm -> Softmax."""
+    rng = np.random.default_rng(seed)
+    height, width = (size[0] + 1) // 2, (size[1] + 1) // 2
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="model/conv2/BiasAdd",
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["model/conv2/Relu:0"], name="model/conv2/Relu"),
+        helper.make_node("Transpose", ["model/conv2/Relu:0"], ["nhwc"], name="Transpose__96",
+                         perm=[0, 2, 3, 1]),
+        helper.make_node("Flatten", ["nhwc"], ["f"], name="flatten"),
+    ]
+    return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
+                              "w2": _weights(rng, 6, 4, 3, 3), "b2": _weights(rng, 6),
+                              "__features__": 6 * height * width}, "f", seed=seed, size=size,
+                      channels_last=True)
 
 
 def concat_batchnorm(seed=0, softmax=True):

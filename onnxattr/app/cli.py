@@ -22,6 +22,7 @@ from ..methods.table import COMPLETENESS_TOLERANCE, METHODS, compilable_methods,
 from . import report
 from . import sanity as sanity_check
 from .cli_flags import (
+    contract_flags,
     images_argument,
     method_flags,
     metric_flags,
@@ -365,9 +366,13 @@ def sanity(image, explainer, methods, mode, seeds, seed, grouping, distribution,
 @click.option("--pixel-range", metavar="0..1|0..255", help="As for explain.")
 @click.option("--mean", metavar="M[,M,M]", help="As for explain.")
 @click.option("--std", metavar="S[,S,S]", help="As for explain.")
+@contract_flags
+@click.option("--model-output", metavar="NAME", help="The class output to compile, for a "
+              "model with several (explain's --output).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The attribution model to write.")
-def compile_command(model, method, score, builder, pixel_range, mean, std, output):
+def compile_command(model, method, score, builder, pixel_range, mean, std, layout,
+                    channel_order, labels, model_output, output):
     """Write a portable attribution model (standard ONNX ops: stock onnxruntime, onnxruntime-gpu,
     onnxruntime-node): inputs image, target; outputs prob or logits, attribution."""
     get_method(method)
@@ -375,7 +380,9 @@ def compile_command(model, method, score, builder, pixel_range, mean, std, outpu
     classifier = open_explainer(model, "cpu", builder=builder,
                                 pixel_range=parse_range(pixel_range, "--pixel-range"),
                                 mean=parse_numbers(mean, "--mean"),
-                                std=parse_numbers(std, "--std")).classifier
+                                std=parse_numbers(std, "--std"), layout=layout,
+                                channel_order=channel_order, output=model_output,
+                                labels=labels).classifier
     compile_model(classifier, method, score, output, builder=builder)
     echo(f"{output}: {method} ({score}), {output.stat().st_size / 2**20:.1f} MiB")
 

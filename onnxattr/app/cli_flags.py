@@ -21,6 +21,20 @@ from ..methods.table import DEFAULT_NOISE, DEFAULT_SAMPLES, METHODS, SMOOTHINGS
 EXPORT_HINT = ("export it with: python scripts/export_googlenet.py --caffe "
                "../shared/models/bvlc_googlenet")
 
+# The image input's layout and channel order, and the class names: every command that reads a
+# source model takes them (compile too).
+CONTRACT_FLAGS = [
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"], case_sensitive=False),
+                 help="The image input's layout: channels-first or channels-last (default: "
+                      "its onnxattr.input metadata, else what its shape says)."),
+    click.option("--channel-order", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+                 help="The channel order the model reads (bgr: Caffe, Keras 'caffe' "
+                      "preprocessing) [default: its onnxattr.input metadata, else rgb]."),
+    click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                 help="Class names: one per line, or a JSON list (default: the model's "
+                      "onnxattr.labels metadata, else class 0, class 1, ...)."),
+]
+
 # The model flags every command takes: which file, where it runs, how its gradient graph is
 # built, and the pixel contract it expects.
 MODEL_FLAGS = [
@@ -40,7 +54,17 @@ MODEL_FLAGS = [
                  "subtracted, in its pixel range (e.g. 0.485,0.456,0.406)."),
     click.option("--std", metavar="S[,S,S]", help="Per-channel std the model expects divided "
                  "by, in its pixel range (e.g. 0.229,0.224,0.225)."),
+    *CONTRACT_FLAGS,
+    click.option("--output", "model_output", metavar="NAME", help="The class output to "
+                 "explain, for a model with several (default: the first [N, classes] output)."),
 ]
+
+
+def contract_flags(command):
+    """Add CONTRACT_FLAGS to a command."""
+    for flag in reversed(CONTRACT_FLAGS):
+        command = flag(command)
+    return command
 
 
 def model_flags(command):
@@ -53,7 +77,9 @@ def model_flags(command):
             precision="tf32" if kwargs.pop("tf32") else "float32",
             pixel_range=parse_range(kwargs.pop("pixel_range"), "--pixel-range"),
             mean=parse_numbers(kwargs.pop("mean"), "--mean"),
-            std=parse_numbers(kwargs.pop("std"), "--std"))
+            std=parse_numbers(kwargs.pop("std"), "--std"), layout=kwargs.pop("layout"),
+            channel_order=kwargs.pop("channel_order"), output=kwargs.pop("model_output"),
+            labels=kwargs.pop("labels"))
         return command(*args, **kwargs)
     for flag in reversed(MODEL_FLAGS):
         wrapper = flag(wrapper)

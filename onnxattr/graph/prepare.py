@@ -2,9 +2,12 @@
 outputs `prob` and `logits` behind, and the score head; plus the forward fixes
 onnxruntime-training needs.
 
-`prepare_forward` makes the graph take RGB pixels 0..255 whatever the model expects: a model
-whose input is scaled (0..1) or normalised ((x - mean) / std) gets one Mul and one Add in front
-(`PixelContract`), so gradients are always with respect to real pixel values.
+`prepare_forward` makes the graph take RGB pixels 0..255, channels-first [N, C, H, W], whatever
+the model expects: a model whose input is scaled (0..1, -1..1) or normalised ((x - mean) / std)
+gets one Mul and one Add in front (`PixelContract`), a BGR model a Gather that reorders the
+channels before them, a channels-last model ([N, H, W, C], as tf2onnx and jax2onnx export) a
+Transpose after them. So gradients are always with respect to real RGB pixel values, and every
+builder, method and metric sees a channels-first input whatever the model's layout.
 
 onnxruntime-training 1.19.2 has no gradient for inference BatchNormalization, LRN, Dropout,
 HardSigmoid or HardSwish, returns an empty batch from AveragePoolGrad, and asserts on a
@@ -20,6 +23,7 @@ import onnx
 from onnx import helper
 
 from ..errors import OnnxAttrError
+from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
 from .relu_rules import replaces
 from .toolkit import GraphEditor, at_least_opset, attribute, copy_model, default_opset
@@ -35,27 +39,49 @@ SCORES = {"prob": PROB, "logit": LOGITS}  # score name -> the class output it di
 
 
 def _prepend_contract(editor, classifier):
-    """Make the image input take pixels 0..255: input -> Mul(a) -> Add(b) -> the old input."""
-    contract = classifier.contract
-    if contract.is_identity:
+    """Make the image input take RGB pixels 0..255, channels-first [N, C, H, W]: input ->
+    Gather (RGB to BGR, for a BGR model) -> Mul(a) -> Add(b) (the range and normalisation) ->
+    Transpose (to a channels-last model's [N, H, W, C]) -> the old input; each op only where
+    the model needs it."""
+    contract, name = classifier.contract, classifier.input_name
+    if contract.is_identity and classifier.layout == "NCHW":
         return []
-    name = classifier.input_name
+    if any(output.name == name for output in editor.graph.output):
+        raise OnnxAttrError("the image input is also a graph output; cannot prepend the "
+                            "pixel contract")
     inner = editor.unique(f"{name}/model_input")
     for node in editor.graph.node:
         node.input[:] = [inner if i == name else i for i in node.input]
-    for output in editor.graph.output:
-        if output.name == name:
-            raise OnnxAttrError("the image input is also a graph output; cannot prepend the "
-                                "pixel contract")
+    steps = []  # (op, second input or None, attributes)
+    if contract.channel_order == "BGR":
+        steps.append(("Gather", editor.constant(f"{name}/bgr", np.array([2, 1, 0], np.int64)),
+                      dict(axis=1)))
     scale, shift = contract.scale_shift(classifier.channels)
-    scaled = editor.unique(f"{name}/scaled")
-    shape = (1, -1, 1, 1)
-    return [
-        editor.node("Mul", [name, editor.constant(f"{name}/contract_scale", scale.reshape(shape)
-                                                  .astype(np.float32))], [scaled], "contract"),
-        editor.node("Add", [scaled, editor.constant(f"{name}/contract_shift", shift.reshape(shape)
-                                                    .astype(np.float32))], [inner], "contract"),
-    ]
+    if (scale != 1).any() or shift.any():
+        steps += [(op, editor.constant(f"{name}/contract_{what}", value.reshape(1, -1, 1, 1)
+                                       .astype(np.float32)), {})
+                  for op, what, value in (("Mul", "scale", scale), ("Add", "shift", shift))]
+    if classifier.layout == "NHWC":
+        steps.append(("Transpose", None, dict(perm=list(TO_CHANNELS_LAST))))
+        _declare_channels_first(editor.graph, name)
+    nodes, current = [], name
+    for index, (op, operand, attributes) in enumerate(steps):
+        out = inner if index == len(steps) - 1 else editor.unique(f"{name}/{op.lower()}")
+        nodes.append(editor.node(op, [current, *([operand] if operand else [])], [out],
+                                 "contract", **attributes))
+        current = out
+    return nodes
+
+
+def _declare_channels_first(graph, name):
+    """Declare the graph input `name` [N, H, W, C] as [N, C, H, W]."""
+    value = next(i for i in graph.input if i.name == name)
+    dims = list(value.type.tensor_type.shape.dim)
+    copies = [onnx.TensorShapeProto.Dimension() for _ in dims]
+    for copy, source in zip(copies, (dims[i] for i in TO_CHANNELS_FIRST)):
+        copy.CopyFrom(source)
+    del value.type.tensor_type.shape.dim[:]
+    value.type.tensor_type.shape.dim.extend(copies)
 
 
 # --- forward fixes for onnxruntime-training ------------------------------------------------------
@@ -251,6 +277,8 @@ def prepare_forward(classifier, fixes=None, outputs=()):
 def _expose_class_outputs(editor, classifier, opset):
     """Make the graph's outputs exactly `prob` and `logits`, adding a Softmax if it has none."""
     graph = editor.graph
+    for name in {PROB, LOGITS} - {classifier.logits_output, classifier.prob_output}:
+        _rename(graph, name, editor.unique(name))  # another output's tensor (--output)
     nodes = []
     if classifier.logits_output != LOGITS:
         nodes.append(editor.node("Identity", [classifier.logits_output], [LOGITS], LOGITS))
@@ -265,6 +293,13 @@ def _expose_class_outputs(editor, classifier, opset):
     graph.output.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch, classifier.num_classes])
         for name in (PROB, LOGITS))
+
+
+def _rename(graph, name, new):
+    """Rename tensor `name` of `graph` (made by a node) to `new`."""
+    for node in graph.node:
+        node.input[:] = [new if i == name else i for i in node.input]
+        node.output[:] = [new if o == name else o for o in node.output]
 
 
 def gradient_output(wrt):
@@ -307,8 +342,9 @@ def add_score_head(forward, score="prob"):
     return model
 
 
-def contract_metadata(contract):
+def contract_metadata(classifier):
     """The onnxattr.input metadata of a graph that takes pixels 0..255 (contract built in)."""
     return json.dumps({"layout": "NCHW", "channels": "RGB", "range": list(PIXEL_RANGE),
                        "preprocessing": f"built in: the model's own contract "
-                                        f"({contract.describe()})"})
+                                        f"({classifier.contract.describe()}, "
+                                        f"{classifier.layout} input)"})

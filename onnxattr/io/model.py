@@ -17,6 +17,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import OnnxAttrError
+from .labels import read_labels
+from .layout import channels_first_dims, parse_channel_order, parse_layout, resolve_layout
 
 LABELS_KEY = "onnxattr.labels"
 CONTRACT_KEY = "onnxattr.input"
@@ -39,20 +41,23 @@ def default_opset(proto):
 
 @dataclass(frozen=True)
 class PixelContract:
-    """What the model's image input expects, for RGB pixels p in 0..255: the value range it
-    was trained on (`range`, 0..1 or 0..255) and a per-channel normalisation applied before the
-    model, input = (p / 255 * (high - low) + low - mean) / std. `stated` says whether the model
-    (its onnxattr.input metadata) or the user said so, or it is the default assumption."""
+    """What the model's image input expects, for RGB pixels p in 0..255: the channel order it
+    reads (`channel_order`, RGB or BGR: the channels are reordered first), the value range it
+    was trained on (`range`, such as 0..1, 0..255 or -1..1) and a per-channel normalisation
+    applied before the model, input = (p / 255 * (high - low) + low - mean) / std, with `mean`
+    and `std` in the model's channel order. `stated` says whether the model (its onnxattr.input
+    metadata) or the user said so, or it is the default assumption."""
 
     range: tuple = PIXEL_RANGE
     mean: tuple = (0.0, 0.0, 0.0)
     std: tuple = (1.0, 1.0, 1.0)
     stated: bool = False
+    channel_order: str = "RGB"
 
     @property
     def is_identity(self):
         return (tuple(self.range) == PIXEL_RANGE and not any(self.mean)
-                and all(s == 1 for s in self.std))
+                and all(s == 1 for s in self.std) and self.channel_order == "RGB")
 
     def scale_shift(self, channels):
         """Per-channel (a, b) with model input = a * p + b, float64 [channels]."""
@@ -62,23 +67,28 @@ class PixelContract:
         return (high - low) / 255.0 / std, (low - mean) / std
 
     def as_metadata(self):
-        return {"range": list(self.range), "mean": list(self.mean), "std": list(self.std)}
+        return {"channels": self.channel_order, "range": list(self.range),
+                "mean": list(self.mean), "std": list(self.std)}
 
     def describe(self):
         low, high = self.range
-        text = f"RGB {low:g}..{high:g}"
-        if not self.is_identity and (any(self.mean) or any(s != 1 for s in self.std)):
+        text = f"{self.channel_order} {low:g}..{high:g}"
+        if any(self.mean) or any(s != 1 for s in self.std):
             text += (f", minus mean {', '.join(f'{m:g}' for m in self.mean)}, over std "
                      f"{', '.join(f'{s:g}' for s in self.std)}")
         return text
 
 
-def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None):
+def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None,
+                   channel_order=None):
     """The contract from the model's onnxattr.input metadata (a dict), overridden by what the
-    user gives: `pixel_range` "0..1" / "0..255" or a (low, high) pair, `mean` and `std` (one
-    number or one per channel, in the model's range). Without either, RGB 0..255."""
-    stated = dict(metadata_contract or {})
-    given = any(v is not None for v in (pixel_range, mean, std))
+    user gives: `pixel_range` "0..1" / "0..255" / "-1..1" or a (low, high) pair, `mean` and
+    `std` (one number or one per channel, in the model's range and channel order),
+    `channel_order` "rgb" or "bgr" (the metadata's "channels"). Without either, RGB 0..255."""
+    stated = {k: v for k, v in dict(metadata_contract or {}).items() if k != "layout"}
+    given = any(v is not None for v in (pixel_range, mean, std, channel_order))
+    order = parse_channel_order(channel_order, "--channel-order") or parse_channel_order(
+        stated.get("channels", "RGB"), f"metadata {CONTRACT_KEY} \"channels\"")
     low, high = _finite("pixel range", parse_range(pixel_range) if pixel_range is not None
                         else stated.get("range", PIXEL_RANGE), "two")
     mean = _finite("mean", mean if mean is not None else stated.get("mean", 0.0), "one or three")
@@ -87,7 +97,8 @@ def pixel_contract(metadata_contract=None, pixel_range=None, mean=None, std=None
         raise OnnxAttrError(f"bad pixel range {low:g}..{high:g}: low < high")
     if min(std) <= 0:
         raise OnnxAttrError(f"std must be positive, got {', '.join(f'{s:g}' for s in std)}")
-    return PixelContract((low, high), mean, std, stated=given or bool(stated))
+    return PixelContract((low, high), mean, std, stated=given or bool(stated),
+                         channel_order=order)
 
 
 def _finite(name, value, count):
@@ -152,6 +163,9 @@ class ClassifierModel:
     # a compiled attribution model (onnxattr compile): {"method": ..., "score": ...}, else None
     compiled: dict | None = None
     batch: int | None = None  # the image input's fixed batch size; None when it is free
+    # the image input's own layout: "NCHW", or "NHWC" (channels-last; channels, height and
+    # width above are still C, H, W, and the prepared graph takes [N, C, H, W])
+    layout: str = "NCHW"
 
     @property
     def opset(self):
@@ -168,22 +182,36 @@ class ClassifierModel:
         """(height, width) of the model's image input."""
         return (self.height, self.width)
 
-    def with_contract(self, pixel_range=None, mean=None, std=None):
+    def with_contract(self, pixel_range=None, mean=None, std=None, channel_order=None):
         """A copy whose pixel contract is overridden by what the user gives (None: keep)."""
-        if pixel_range is None and mean is None and std is None:
+        if pixel_range is None and mean is None and std is None and channel_order is None:
             return self
         if self.compiled:
-            raise OnnxAttrError("a compiled attribution model takes pixels 0..255 with its "
-                                "contract built in; --pixel-range, --mean and --std apply to "
-                                "source models")
+            raise OnnxAttrError("a compiled attribution model takes RGB pixels 0..255 with its "
+                                "contract built in; --pixel-range, --mean, --std and "
+                                "--channel-order apply to source models")
         stated = json.loads(self.metadata[CONTRACT_KEY]) if CONTRACT_KEY in self.metadata else {}
-        contract = pixel_contract(stated, pixel_range, mean, std)
+        contract = pixel_contract(stated, pixel_range, mean, std, channel_order)
         return replace(self, contract=contract,
                        digest=f"{self.digest}|contract={contract.as_metadata()}")
 
+    def with_labels(self, labels=None):
+        """A copy whose classes are named by `labels` (a list, or a file: one per line, or a
+        JSON list); None: keep."""
+        if labels is None:
+            return self
+        labels = read_labels(labels)
+        if not isinstance(labels, list) or len(labels) != self.num_classes:
+            count = f"{len(labels)} names" if isinstance(labels, list) else "no list"
+            raise OnnxAttrError(f"labels: {count} for the model's {self.num_classes} classes")
+        labels = [str(label) for label in labels]
+        return replace(self, labels=labels, metadata={**self.metadata,
+                                                       LABELS_KEY: json.dumps(labels)})
 
-def load_model(path):
-    """Read and check an ONNX classifier file; raise OnnxAttrError naming what is wrong."""
+
+def load_model(path, layout=None, output=None):
+    """Read and check an ONNX classifier file; raise OnnxAttrError naming what is wrong.
+    `layout` ("nchw" or "nhwc") and `output` (a graph output's name) as describe_model."""
     path = Path(path)
     if not path.exists():
         raise OnnxAttrError(f"model file not found: {path}")
@@ -216,7 +244,7 @@ def load_model(path):
         except OSError as err:
             raise OnnxAttrError(f"{path}: cannot read its external data file {file} "
                                 f"({err.strerror or err})") from None
-    return describe_model(proto, digest.hexdigest(), str(path))
+    return describe_model(proto, digest.hexdigest(), str(path), layout, output)
 
 
 def _external_data(path, proto):
@@ -284,19 +312,25 @@ def _tensors(graph):
                 yield from _tensors(sub)
 
 
-def describe_model(proto, digest, name="model"):
-    """Find the image input and the class outputs of `proto`."""
+def describe_model(proto, digest, name="model", layout=None, output=None):
+    """Find the image input and the class outputs of `proto`. `layout`: the image input's
+    layout, "nchw" or "nhwc" (None: its onnxattr.input metadata's, else what its shape says,
+    onnxattr.io.layout); `output`: the class output's name (None: the first that fits)."""
     metadata = {p.key: p.value for p in proto.metadata_props}
     if METHOD_KEY in metadata:
         return _describe_compiled(proto, digest, name, metadata)
-    input_name, channels, height, width, batch = _image_input(proto.graph, name)
+    stated = _stated_contract(metadata, name) or {}
+    layout = parse_layout(layout, "--layout") or parse_layout(
+        stated.get("layout"), f"metadata {CONTRACT_KEY} \"layout\"")
+    input_name, channels, height, width, batch, layout = _image_input(proto.graph, name, layout)
     declared_batch = next(_dims(i)[0] for i in proto.graph.input if i.name == input_name)
-    prob_output, logits_output, num_classes = _class_outputs(proto.graph, name, declared_batch)
+    prob_output, logits_output, num_classes = _class_outputs(proto.graph, name, declared_batch,
+                                                             output)
     labels = _labels(metadata, num_classes, name)
-    return ClassifierModel(proto, digest, input_name, channels, height, width, num_classes,
-                           prob_output, logits_output, labels,
-                           pixel_contract(_stated_contract(metadata, name)), metadata,
-                           batch=batch)
+    keys = [f"layout={layout}"] * (layout != "NCHW") + [f"output={output}"] * (output is not None)
+    return ClassifierModel(proto, "|".join([digest, *keys]), input_name, channels, height, width,
+                           num_classes, prob_output, logits_output, labels,
+                           pixel_contract(stated), metadata, batch=batch, layout=layout)
 
 
 def _stated_contract(metadata, name):
@@ -346,33 +380,39 @@ def _type_name(value_info):
     return onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()
 
 
-def _image_input(graph, name):
+def _image_input(graph, name, layout=None):
+    """(name, C, H, W, fixed batch or None, layout) of the graph's one image input, in
+    `layout` (None: what its shape says)."""
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or \
             inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         found = ", ".join(f"{i.name} {_type_name(i)} {_dims(i)}" for i in inputs) or "none"
         raise OnnxAttrError(f"{name} is not an image classifier onnxattr can read: it needs "
-                            f"exactly one float32 input [N, C, H, W] (found inputs: {found})"
-                            + _float16_hint(inputs))
+                            f"exactly one float32 input [N, C, H, W] or [N, H, W, C] (found "
+                            f"inputs: {found})" + _float16_hint(inputs))
     image = inputs[0]
-    batch, channels, height, width = _dims(image)
+    layout = resolve_layout(_dims(image), layout, f"{name}: image input {image.name}")
+    dims = channels_first_dims(_dims(image), layout)
+    batch, channels, height, width = dims
     if not all(isinstance(d, int) and d > 0 for d in (channels, height, width)):
         raise OnnxAttrError(f"{name}: image input {image.name} needs fixed C, H, W "
-                            f"(found {_dims(image)})")
+                            f"(found {_dims(image)}, {layout})")
     if channels != 3:
-        looks_nhwc = width in (1, 3, 4) and channels == height
-        hint = (f"; it looks channels-last [N, H, W, C] = {_dims(image)}: onnxattr needs "
-                "channels-first [N, C, H, W] (re-export the model with NCHW input)"
-                if looks_nhwc else "; only RGB models (3 channels) are supported")
-        raise OnnxAttrError(f"{name}: image input {image.name} has {channels} channels{hint}")
-    _check_size(name, image)
-    return image.name, channels, height, width, batch if isinstance(batch, int) else None
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        flipped = channels_first_dims(_dims(image), other)
+        hint = (f"; read as {other} it has 3: give --layout {other.lower()}"
+                if flipped[1] == 3 else "; only RGB models (3 channels) are supported")
+        raise OnnxAttrError(f"{name}: image input {image.name} {_dims(image)} read as {layout} "
+                            f"has {channels} channels{hint}")
+    _check_size(name, image, dims)
+    return image.name, channels, height, width, batch if isinstance(batch, int) else None, layout
 
 
-def _check_size(name, image):
-    """Refuse an image input [N, C, H, W] (C, H, W known positive) of a size no run can have."""
-    batch, _, height, width = _dims(image)
+def _check_size(name, image, dims=None):
+    """Refuse an image input [N, C, H, W] (C, H, W known positive; `dims` in that order, None:
+    the input's own) of a size no run can have."""
+    batch, _, height, width = dims or _dims(image)
     if height * width > MAX_PIXELS:
         raise OnnxAttrError(f"{name}: image input {image.name} is {height}x{width} pixels: more "
                             f"than onnxattr's limit of {MAX_PIXELS} (8192x8192)")
@@ -389,11 +429,11 @@ def _float16_hint(inputs):
     return ""
 
 
-def _class_outputs(graph, name, batch):
+def _class_outputs(graph, name, batch, output=None):
     """(softmax output or None, logits tensor, class count): the first output [N, classes] whose
     N can be the image input's batch `batch` (its declared first dimension), preferring one a
-    Softmax produces. An output such as a [32, 32] map of a model with batch 1 is no class
-    output."""
+    Softmax produces; `output` given: that graph output. An output such as a [32, 32] map of a
+    model with batch 1 is no class output."""
     def is_classes(output):
         dims = _dims(output)
         return (len(dims) == 2 and isinstance(dims[1], int) and dims[1] >= 2
@@ -402,6 +442,15 @@ def _class_outputs(graph, name, batch):
 
     producers = {out: node for node in graph.node for out in node.output}
     candidates = [o for o in graph.output if is_classes(o)]
+    if output is not None:
+        chosen = [o for o in graph.output if o.name == output]
+        found = ", ".join(f"{o.name} {_dims(o)}" for o in graph.output)
+        if not chosen:
+            raise OnnxAttrError(f"{name} has no output '{output}' (outputs: {found})")
+        if chosen[0] not in candidates:
+            raise OnnxAttrError(f"{name}: output {output} {_dims(chosen[0])} is not a class "
+                                f"output [N, classes] with N the image's batch {batch}")
+        candidates = chosen
     for output in candidates:
         node = producers.get(output.name)
         if node is not None and node.op_type == "Softmax":

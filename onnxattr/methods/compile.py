@@ -120,7 +120,7 @@ def _attribution_model(gradient_graph, classifier, method, score):
     graph.name = f"onnxattr {method} ({score})"
     model.producer_name, model.producer_version = "onnxattr", __version__
     metadata = {LABELS_KEY: json.dumps(classifier.labels),
-                CONTRACT_KEY: contract_metadata(classifier.contract),
+                CONTRACT_KEY: contract_metadata(classifier),
                 METHOD_KEY: method, SCORE_KEY: score}
     del model.metadata_props[:]
     for key, value in metadata.items():

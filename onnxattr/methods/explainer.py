@@ -41,7 +41,9 @@ class Explanation:
     score: float
     """Softmax probability of the target class."""
     attribution: np.ndarray
-    """float32 (C, H, W): the method's attribution per pixel, RGB order."""
+    """float32: the method's attribution per pixel in the model's own input layout, (C, H, W)
+    for a channels-first model, (H, W, C) for a channels-last one; channels in RGB order (the
+    image's), whatever order the model reads."""
     photo: np.ndarray
     """uint8 (H, W, 3): the image at model resolution, as the model saw it."""
     extras: dict = field(default_factory=dict)
@@ -51,11 +53,18 @@ class Explanation:
     builder: str | None = None
     """The gradient builder that made the method's graph ("onnxruntime" or "native"; None when
     the method runs no gradient graph of onnxattr's: occlusion, a compiled model)."""
+    layout: str = "NCHW"
+    """The model's input layout, and so the attribution's."""
+
+    @property
+    def channels_first(self):
+        """float32 (C, H, W): the attribution channels-first, whatever the model's layout."""
+        return self.attribution.transpose(2, 0, 1) if self.layout == "NHWC" else self.attribution
 
     @property
     def map(self):
         """float32 (H, W) in [0, 1]: channel sum of |attribution|, rescaled (the example's map)."""
-        return attribution_map(self.attribution)
+        return attribution_map(self.channels_first)
 
     def render(self, reduction="sum", sign=None, clip="none", clip_value=None, cmap=None,
                style=None, alpha=0.5):
@@ -76,28 +85,38 @@ class Explanation:
 class Explainer:
     """Attribution maps for one ONNX image classifier.
 
-    `model`: path to an ONNX classifier with one image input [N, C, H, W] and a softmax or
-    logits output, or a compiled attribution model (onnxattr compile). Images are RGB pixels
-    0..255; what the model expects (`pixel_range` "0..1" or "0..255", per-channel `mean` and
-    `std` in that range) comes from its onnxattr.input metadata or these arguments, and is built
-    into the graph in front of the model; a model that states nothing is assumed to take RGB
-    0..255 (with a note). `device`: "cpu" or "cuda"; `precision`: "float32" (exact, default) or
-    "tf32" (CUDA convolutions in TF32). `builder`: "auto", "onnxruntime" or "native"
-    (onnxattr.graph.builders). `fit`: how images of another size reach the input size, "stretch" (the
-    example's imresize) or "center-crop". `threads`: onnxruntime's threads (None: all cores);
+    `model`: path to an ONNX classifier with one image input, channels-first [N, C, H, W] or
+    channels-last [N, H, W, C] (`layout` "nchw" or "nhwc"; None: its onnxattr.input metadata's,
+    else what the shape says, refused when it could be either), and a softmax or logits output
+    (`output`: its name, for a model with several), or a compiled attribution model (onnxattr
+    compile). `labels`: class names, a list or a file (one per line, or a JSON list), over the
+    model's onnxattr.labels metadata. Images are RGB pixels 0..255; what the model expects
+    (`channel_order` "rgb" or "bgr", `pixel_range` such as "0..1", "0..255" or "-1..1",
+    per-channel `mean` and `std` in that range and the model's channel order) comes from its
+    onnxattr.input metadata or these arguments, and is built into the graph in front of the
+    model; a model that states nothing is assumed to take RGB 0..255 (with a note). An
+    Explanation's `attribution` is in the model's own layout (channels-last for an NHWC model),
+    its pictures the same whatever the layout.
+
+    `device`: "cpu" or "cuda"; `precision`: "float32" (exact, default) or "tf32" (CUDA
+    convolutions in TF32). `builder`: "auto", "onnxruntime" or "native"
+    (onnxattr.graph.builders). `fit`: how images of another size reach the input size,
+    "stretch" (the example's imresize) or "center-crop". `threads`: onnxruntime's threads (None: all cores);
     `workers`: sessions that share a batched run, each with threads / workers (None: 2 on a
     CPU with 2 or more cores, else 1; see onnxattr.graph.runtime.default_workers).
     """
 
     def __init__(self, model=DEFAULT_MODEL, device="cpu", cache_dir=None, threads=None,
                  fit="stretch", builder="auto", precision="float32", pixel_range=None,
-                 mean=None, std=None, workers=None):
+                 mean=None, std=None, workers=None, layout=None, channel_order=None,
+                 output=None, labels=None):
         provider_options(device, precision)  # a missing CUDA provider fails here, before images
         check_builder(builder)
         check_counts(threads=threads, workers=workers)
         check_fit(fit)
         self.model_path = str(model)
-        self.classifier = load_model(model).with_contract(pixel_range, mean, std)
+        self.classifier = load_model(model, layout, output).with_contract(
+            pixel_range, mean, std, channel_order).with_labels(labels)
         if self.classifier.compiled:
             self.engine = CompiledEngine(self.classifier, device, threads, precision, workers)
         else:
@@ -202,9 +221,10 @@ class Explainer:
         results = [
             Explanation(name, f"{chosen.title_for(smooth)} ({self.labels[i]})", int(i),
                         self.labels[i],
-                        float(p[i]), a.astype(np.float32), pix.transpose(1, 2, 0).round()
-                        .clip(0, 255).astype(np.uint8), extra, dict(chosen.render or {}),
-                        self.engine.last_builder)
+                        float(p[i]), self._own_layout(a.astype(np.float32)),
+                        pix.transpose(1, 2, 0).round().clip(0, 255).astype(np.uint8), extra,
+                        dict(chosen.render or {}), self.engine.last_builder,
+                        self.classifier.layout)
             for i, p, a, pix, extra in zip(indices, prob, attribution, pixels, extras)]
         self._say_contract()
         return results[0] if single else results
@@ -253,6 +273,11 @@ class Explainer:
                                       batch_size, **{k: v for k, v in options.items()
                                                      if k != "score"})[0]
         return explain
+
+
+    def _own_layout(self, attribution):
+        """An attribution (C, H, W) in the model's input layout."""
+        return attribution.transpose(1, 2, 0) if self.classifier.layout == "NHWC" else attribution
 
 
 def _is_number(text):

@@ -96,7 +96,8 @@ class RenderOptions:
 
     def render(self, explanation):
         """uint8 (H, W, 3) picture of an Explanation, with its method's defaults."""
-        return self.for_result(explanation).image(explanation.attribution, explanation.photo)
+        return self.for_result(explanation).image(explanation.channels_first,
+                                                     explanation.photo)
 
     def for_result(self, explanation):
         """These options resolved for one Explanation's method."""
@@ -115,7 +116,8 @@ def write_figures(results, prefix, options=None, save_raw=False, panel=False):
     """Write one image's figures for `results` (one Explanation per method, same image).
 
     Files are `<prefix>photo.png`, `<prefix><method>.png`, with `save_raw` `<prefix><method>.npy`
-    (float32 [C, H, W]) and with `panel` `<prefix>panel.png`; `prefix` is a path prefix such as
+    (float32, the attribution in the model's layout: [C, H, W], or [H, W, C] for a channels-last
+    model) and with `panel` `<prefix>panel.png`; `prefix` is a path prefix such as
     "out/chelsea_" or "out/chelsea/". Every file is written atomically. Returns a dict
     {"photo": path, "panel": path, "<method>": path, "<method>.npy": path} of what was written.
     """
