@@ -22,6 +22,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.model import PIXEL_RANGE
 from .relu_rules import replaces
+from .static_if import fold_static_ifs
 from .toolkit import GraphEditor, at_least_opset, attribute, copy_model, default_opset
 
 SCORE = "score"
@@ -234,6 +235,7 @@ def prepare_forward(classifier, fixes=None, outputs=()):
     model = copy_model(at_least_opset(classifier.proto))
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
+    fold_static_ifs(model)
     editor = GraphEditor(model)
     editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
     extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
