@@ -22,6 +22,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.model import PIXEL_RANGE
 from .opset import fit_opset
+from .precision import to_float32
 from .relu_rules import replaces
 from .static_if import fold_static_ifs
 from .toolkit import GraphEditor, attribute, copy_model, default_opset
@@ -238,6 +239,7 @@ def prepare_forward(classifier, fixes=None, outputs=()):
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     fold_static_ifs(model)
+    to_float32(model, classifier.input_name)
     editor = GraphEditor(model)
     editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
     extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
