@@ -57,7 +57,7 @@ def test_sessions_get_the_cuda_options(with_cuda, monkeypatch, tmp_path):
     seen = {}
 
     class Session:
-        def __init__(self, model, options, providers):
+        def __init__(self, model, options, providers, disabled_optimizers=()):
             seen["providers"] = providers
 
         def get_providers(self):

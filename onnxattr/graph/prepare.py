@@ -25,8 +25,11 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
+from .opset import fit_opset
+from .precision import to_float32
 from .relu_rules import replaces
-from .toolkit import GraphEditor, at_least_opset, attribute, copy_model, default_opset
+from .static_if import fold_static_ifs
+from .toolkit import GraphEditor, attribute, copy_model, default_opset
 
 SCORE = "score"
 ONEHOT = "onehot"
@@ -249,17 +252,20 @@ TRAINING_FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LR
 
 
 def prepare_forward(classifier, fixes=None, outputs=()):
-    """A copy of the classifier's graph (at opset >= 17) with the pixel contract in front, the
-    `fixes` (an op -> rule table such as TRAINING_FIXES) applied, and outputs exactly `prob` and
-    `logits`, then the intermediate tensors named in `outputs` (a layer for layer attribution).
+    """A copy of the classifier's graph (at opset 17 to 21 where it converts: opset.fit_opset)
+    with the pixel contract in front, the `fixes` (an op -> rule table such as TRAINING_FIXES)
+    applied, and outputs exactly `prob` and `logits`, then the intermediate tensors named in
+    `outputs` (a layer for layer attribution).
 
     The forward outputs are unchanged (tests check this); unused initializers are kept. The
     extra outputs are outputs while the fixes run, so no fix changes what they hold (a Conv
     whose output is a graph output keeps its BatchNormalization unfolded).
     """
-    model = copy_model(at_least_opset(classifier.proto))
+    model = copy_model(fit_opset(classifier.proto))
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
+    fold_static_ifs(model)
+    to_float32(model, classifier.input_name)
     editor = GraphEditor(model)
     editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
     extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]

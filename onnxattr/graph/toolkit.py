@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from ..errors import OnnxAttrError
 from ..io.model import STANDARD_DOMAINS, default_opset
 from .control_flow import reads
-from .runtime import onnxruntime
+from .runtime import make_session, onnxruntime
 
 MAX_IR_VERSION = 10  # the newest IR version every runtime we target loads (ORT-training 1.19.2)
 # The oldest default-domain opset of the graphs onnxattr writes: ScatterElements with reduction
@@ -159,7 +159,7 @@ def observed_shapes(model):
     names = [o.name for o in probe.graph.output]
     runs = []
     try:
-        session = onnxruntime.InferenceSession(probe.SerializeToString())
+        session = make_session(probe)
         for batch in (1, 2):
             feeds = {i.name: np.zeros([d if isinstance(d, int) else batch for d in i.shape],
                                       _numpy_type(i.type)) for i in session.get_inputs()}

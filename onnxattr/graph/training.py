@@ -24,12 +24,12 @@ import onnx
 from ..errors import OnnxAttrError
 from .autodiff.registry import VJP_RULES
 from .control_flow import reads, refuse_control_flow
+from .opset import MAX_OPSET
 from .prepare import ONEHOT, SCORE
 from .relu_rules import VANILLA, check_rule_applies, relu_rule, zero_like
 from .runtime import onnxruntime
 from .toolkit import Emitter, GraphEditor, copy_model, default_opset
 
-MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
 NO_GRADIENT = frozenset({"Shape", "Size"})  # ops whose output carries no gradient to their input
 _UNSUPPORTED = re.compile(r"not been registered: (\S+) for node (.*)")
 

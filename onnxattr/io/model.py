@@ -380,17 +380,23 @@ def _type_name(value_info):
     return onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()
 
 
+# image input types: float16/bfloat16 models are cast to float32 and integer pixels declared
+# float32 in preparation (onnxattr.graph.precision)
+IMAGE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+
 def _image_input(graph, name, layout=None):
     """(name, C, H, W, fixed batch or None, layout) of the graph's one image input, in
     `layout` (None: what its shape says)."""
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or \
-            inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            inputs[0].type.tensor_type.elem_type not in IMAGE_TYPES:
         found = ", ".join(f"{i.name} {_type_name(i)} {_dims(i)}" for i in inputs) or "none"
         raise OnnxAttrError(f"{name} is not an image classifier onnxattr can read: it needs "
-                            f"exactly one float32 input [N, C, H, W] or [N, H, W, C] (found "
-                            f"inputs: {found})" + _float16_hint(inputs))
+                            "exactly one float32, float16, bfloat16, uint8 or int8 input [N, C, H, "
+                            f"W] or [N, H, W, C] (found inputs: {found})" + _float16_hint(inputs))
     image = inputs[0]
     layout = resolve_layout(_dims(image), layout, f"{name}: image input {image.name}")
     dims = channels_first_dims(_dims(image), layout)
@@ -422,10 +428,8 @@ def _check_size(name, image, dims=None):
 
 
 def _float16_hint(inputs):
-    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    if any(i.type.tensor_type.elem_type in half for i in inputs):
-        return ("; float16, bfloat16 and float64 models are not supported: convert the model to "
-                "float32 (e.g. onnxconverter_common.float16 / re-export in float32)")
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE for i in inputs):
+        return "; float64 models are not supported: convert the model to float32"
     return ""
 
 
