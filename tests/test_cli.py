@@ -319,9 +319,9 @@ def cycle():
 
 
 @pytest.mark.parametrize("make, problem", [
-    (unknown_op, "FooBar"),
-    (too_new_opset, "Opset 99"),
-    (cycle, "not acyclic"),
+    (unknown_op, ["onnxruntime cannot load the graph", "FooBar"]),
+    (too_new_opset, ["the model uses opset 99, newer than any this onnx"]),
+    (cycle, ["onnxruntime cannot load the graph", "not acyclic"]),
 ])
 def test_model_onnxruntime_cannot_load_is_blamed_on_the_model(small_classifier, monkeypatch,
                                                               capsys, make, problem):
@@ -331,8 +331,7 @@ def test_model_onnxruntime_cannot_load_is_blamed_on_the_model(small_classifier, 
     path = tmp_path / "bad.onnx"
     onnx.save(make(), path)
     code, _, err = run_cli(monkeypatch, capsys, "classify", photo, photo, "--model", path)
-    assert_one_line_error(code, err, f"error: {path}: onnxruntime cannot load the graph",
-                          problem)
+    assert_one_line_error(code, err, f"error: {path}: ", *problem)
     assert "photo.png" not in err
 
 

@@ -33,6 +33,10 @@ def fit_opset(model):
     is when this onnxruntime runs it, else an OnnxAttrError naming the op."""
     model = at_least_opset(model)
     opset = default_opset(model)
+    if opset > onnx.defs.onnx_opset_version():
+        raise OnnxAttrError(f"the model uses opset {opset}, newer than any this onnx "
+                            f"{onnx.__version__} knows (at most {onnx.defs.onnx_opset_version()}): "
+                            "a damaged file, or re-export it at an opset onnx has released")
     if opset and opset > MAX_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, MAX_OPSET)
