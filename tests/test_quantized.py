@@ -8,9 +8,10 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from onnxattr import Explainer, OnnxAttrError
 from onnxattr.errors import OnnxAttrNote
@@ -114,7 +115,6 @@ def test_clipped_straight_through_rule_is_the_gradient_of_clip(kind):
     reference = np.array([(float_model(x64 + step) - float_model(x64 - step)) / (2 * eps)
                           for step in steps]).reshape(x.shape)
     graph = build_native_gradient(qdq_graph(kind, weight, factor), "x")
-    import onnxruntime
     gradient = onnxruntime.InferenceSession(graph.SerializeToString()).run(
         ["x_grad"], {"x": x})[0]
     assert rel_l2(gradient, reference) < 1e-6
@@ -179,3 +179,51 @@ def test_qoperator_models_are_refused_in_one_line(tmp_path):
                        ".*QDQ format") as error:
         build_native_gradient(onnx.load(path), "image", output="prob")
     assert "\n" not in str(error.value)
+
+
+# --- the zoo's ResNet-18 (the Done-when's model) ------------------------------------------------
+
+
+class Pixels(CalibrationDataReader):
+    def __init__(self, pixels):
+        self.batches = iter([{"image": row[None]} for row in pixels])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    """The zoo's tiny ResNet-18 (torchscript export) and its folder."""
+    pytest.importorskip("torchvision")
+    import zoo_models as zoo
+
+    module = zoo.build("resnet18", "tiny", seed=0)
+    folder = tmp_path_factory.mktemp("resnet18_int8")
+    zoo.export(module, folder / "float.onnx")
+    return module, folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activations", ["QInt8", "QUInt8"])
+def test_int8_resnet18_gradient_follows_the_float_models(resnet18, activations):
+    """Issue 22's Done-when: ResNet-18 as int8 QDQ from onnxruntime's quantizer (per-channel
+    weights, 8 calibration images; int8 activations put the ReLU's Q at zero point -128, uint8
+    at 0): the plain gradient of the probability finite and non-zero, |gradient| correlated
+    >= 0.5 with the float32 model's on each image; guided backprop, applied at the Q nodes
+    that replaced the ReLUs, correlated >= 0.5 with the float model's."""
+    import zoo_models as zoo
+
+    module, folder = resnet18
+    path = folder / f"{activations}.onnx"
+    quantize_static(folder / "float.onnx", path, Pixels(zoo.random_pixels(module, 8, seed=5)),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=getattr(QuantType, activations))
+    pixels = zoo.random_pixels(module, count=2, seed=0)
+    targets = zoo.reference_forward(module, pixels).argmax(axis=1)
+    explainers = [Explainer(p, builder="native", cache_dir=folder / "cache")
+                  for p in (folder / "float.onnx", path)]
+    for rule, of in (("vanilla", np.abs), ("guided", lambda g: g)):
+        want, got = (e.engine.gradient(pixels, targets, rule=rule)[0] for e in explainers)
+        assert np.isfinite(got).all() and np.abs(got).max() > 0
+        assert min(correlation(of(w), of(g)) for w, g in zip(want, got)) >= 0.5, rule
