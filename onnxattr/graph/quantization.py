@@ -18,7 +18,8 @@ rectified values, after a Softmax): a rectifier clips a tensor that can be negat
 
 QOperator models (QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger, ...) compute
 in integers between the Q and DQ nodes: refused when the model is loaded
-(onnxattr.io.model), and by the native builder (`refuse_quantized_operators`).
+(onnxattr.io.quantized), and by the native builder given such a graph
+(`refuse_quantized_operators`).
 """
 
 import numpy as np
@@ -122,9 +123,8 @@ def non_negative(editor, name, known=None):
     pixels 0..255), a constant >= 0, the output of an op in NON_NEGATIVE, of a Clip with a
     constant min >= 0, of a DequantizeLinear whose range starts at 0, or of an op in
     KEEP_NON_NEGATIVE whose float inputs are all never negative."""
-    known = {} if known is None else known
+    known = {} if known is None else known  # the answers so far, for shared branches
     if name not in known:
-        known[name] = False  # no cycles in a graph; this only ends the recursion early
         known[name] = _non_negative(editor, name, known)
     return known[name]
 
