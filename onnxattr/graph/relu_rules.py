@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import OnnxAttrError
 from .backward_forms import gate
+from .quantization import rectifies
 from .toolkit import attribute
 
 VANILLA = "vanilla"
@@ -131,10 +132,14 @@ def check_rule_applies(rule, editor, path, wrt, output, gates_clip=True):
     gate's gradient is the plain one, as for MaxPool or Softmax, which the papers leave as they
     are. Multiplied by what its own input is made from, it is an activation: SiLU/Swish x *
     sigmoid(x), HardSwish x * hardsigmoid(x), tanh-GELU x/2 (1 + tanh(c (x + 0.044715 x^3))).
-    With no Relu on the path there is nothing to apply the rule to: refused too."""
+    With no Relu on the path there is nothing to apply the rule to: refused too. A
+    QuantizeLinear that replaced a Relu (quantization.rectifies) counts as a Relu."""
     others, relus, clips = [], [], []
     for node in path:
         op, label = _original(node)
+        if rectifies(editor, node):
+            relus.append(node)  # the quantizer's ReLU, dropped into the QuantizeLinear after it
+            continue
         if not np.issubdtype(editor.dtype(node.output[0]), np.floating):
             continue  # shape arithmetic (an int64 Clip before a Reshape), not an activation
         if op == "Relu":

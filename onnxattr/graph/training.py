@@ -26,6 +26,7 @@ from .autodiff.registry import VJP_RULES
 from .control_flow import reads, refuse_control_flow
 from .opset import MAX_OPSET
 from .prepare import ONEHOT, SCORE
+from .quantization import DEQUANTIZE, QUANTIZE
 from .relu_rules import VANILLA, check_rule_applies, relu_rule, zero_like
 from .runtime import onnxruntime
 from .toolkit import Emitter, GraphEditor, copy_model, default_opset
@@ -61,7 +62,9 @@ def training_builder_graph(scored, wrt, output=SCORE):
     if default_opset(scored) > MAX_OPSET:
         raise OnnxAttrError(f"model uses opset {default_opset(scored)}; onnxruntime-training "
                             f"supports at most {MAX_OPSET} (use the native builder)")
-    refuse_control_flow(score_path(scored, wrt, output), wrt, output)
+    path = score_path(scored, wrt, output)
+    refuse_control_flow(path, wrt, output)
+    _refuse_quantization(path)
     graph = onnx.load_from_string(_run_builder(
         onnx.shape_inference.infer_shapes(scored).SerializeToString(), wrt, output))
     outputs = {o.name for o in graph.graph.output}
@@ -90,6 +93,16 @@ except RuntimeError as err:
     sys.exit(str(err))
 sys.stdout.buffer.write(builder.get_model())
 """
+
+
+def _refuse_quantization(path):
+    """The GradientGraphBuilder stops at a QuantizeLinear (no gradient for it, nor through its
+    integer output): one line pointing to the native builder's straight-through estimator."""
+    node = next((n for n in path if n.op_type in (QUANTIZE, DEQUANTIZE)), None)
+    if node is not None:
+        raise OnnxAttrError(f"onnxruntime-training cannot differentiate {node.op_type} (node "
+                            f"'{node.name}', an int8 QDQ model): use --builder native, which "
+                            "passes the gradient through it (clipped straight-through estimator)")
 
 
 def _run_builder(model_bytes, wrt, output):

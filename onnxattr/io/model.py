@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from ..errors import OnnxAttrError
 from .labels import read_labels
 from .layout import channels_first_dims, parse_channel_order, parse_layout, resolve_layout
+from .quantized import producer_through_qdq, refuse_integer_operators
 
 LABELS_KEY = "onnxattr.labels"
 CONTRACT_KEY = "onnxattr.input"
@@ -319,6 +320,7 @@ def describe_model(proto, digest, name="model", layout=None, output=None):
     metadata = {p.key: p.value for p in proto.metadata_props}
     if METHOD_KEY in metadata:
         return _describe_compiled(proto, digest, name, metadata)
+    refuse_integer_operators(proto.graph, name)
     stated = _stated_contract(metadata, name) or {}
     layout = parse_layout(layout, "--layout") or parse_layout(
         stated.get("layout"), f"metadata {CONTRACT_KEY} \"layout\"")
@@ -456,7 +458,7 @@ def _class_outputs(graph, name, batch, output=None):
                                 f"output [N, classes] with N the image's batch {batch}")
         candidates = chosen
     for output in candidates:
-        node = producers.get(output.name)
+        node = producer_through_qdq(producers, output.name)
         if node is not None and node.op_type == "Softmax":
             return output.name, node.input[0], _dims(output)[1]
     if candidates:

@@ -5,7 +5,7 @@ forward op type has one vector-Jacobian rule in `VJP_RULES`, registered with `@v
 module of its family; a new op is one function and one registration.
 """
 
-from . import elementwise, linear, normalization, pooling, reductions, shapes  # noqa: F401
+from . import elementwise, linear, normalization, pooling, quantize, reductions, shapes  # noqa: F401
 from .core import build_native_gradient
 from .registry import VJP_RULES, Vjp, vjp
 

@@ -6,7 +6,8 @@
       -> reverse walk over the path: each node's rule from the VJP_RULES table maps its
          outputs' cotangents to its inputs' cotangents; a tensor read by several nodes gets the
          Sum of their contributions
-      -> ReLU rules (vanilla, guided, zeiler-fergus) plug in at every Relu and gated Clip
+      -> ReLU rules (vanilla, guided, zeiler-fergus) plug in at every Relu and gated Clip (and
+         QuantizeLinear that replaced a Relu: quantization.rectifies)
 
 The walk knows ops by name only for the ReLU rules' policy (which rectifiers they gate, which
 they refuse); every other op-specific fact is in a rule (elementwise.py, linear.py, pooling.py,
@@ -21,6 +22,7 @@ from onnx import helper
 from ...errors import OnnxAttrError
 from .. import relu_rules
 from ..control_flow import CONTROL_FLOW, reads, refuse_control_flow
+from ..quantization import refuse_quantized_operators
 from ..toolkit import (
     MAX_IR_VERSION,
     MIN_OPSET,
@@ -123,7 +125,8 @@ class ReverseWalk:
                 blocked.append((node, [i for i in hits if i not in through]))
             if not through:
                 continue
-            reached.update(o for o in node.output if o and self._is_float(o))
+            carries_integers = rule is not None and rule.integer_outputs
+            reached.update(o for o in node.output if o and (carries_integers or self._is_float(o)))
             downstream.append((node, through))
         needed, path, wanted = {self.output}, [], {}
         for node, through in reversed(downstream):
@@ -132,16 +135,19 @@ class ReverseWalk:
                 wanted[id(node)] = set(through)
                 needed.update(node.input[i] for i in through)
         refuse_control_flow(path[::-1], self.wrt, self.output)
-        self._refuse_blocked(blocked)
+        ancestors = _ancestors(self.editor.graph, self.output)
+        refuse_quantized_operators([node for node, _ in downstream
+                                    if ancestors.intersection(node.output)], self.wrt, self.output)
+        self._refuse_blocked(blocked, ancestors)
         if self.wrt not in needed:
             raise OnnxAttrError(f"'{self.output}' does not depend on '{self.wrt}' through "
                                 "differentiable ops: there is no gradient to build")
         return path, wanted
 
-    def _refuse_blocked(self, blocked):
+    def _refuse_blocked(self, blocked, ancestors):
         """A float input reached from wrt at a position its rule does not differentiate, on a
-        node the output depends on: the gradient would silently miss that term."""
-        ancestors = _ancestors(self.editor.graph, self.output)
+        node the output depends on (`ancestors`: the tensors it depends on): the gradient would
+        silently miss that term."""
         for node, positions in blocked:
             floats = [i for i in positions if self._is_float(node.input[i])]
             if floats and ancestors.intersection(node.output):
@@ -192,7 +198,7 @@ class ReverseWalk:
             return None
         if len(parts) == 1:
             return parts[0]
-        return self.em.declare(self.em.op("Sum", *parts), self.em.dtype(name))
+        return self.em.declare(self.em.op("Sum", *parts), self.em.dtype(parts[0]))
 
     def _backward(self, node, wanted):
         em = self.em
@@ -208,7 +214,8 @@ class ReverseWalk:
             if grad is None:
                 raise OnnxAttrError(f"the native gradient builder's rule for {node.op_type} gave "
                                     f"no gradient for input {i} of node '{node.name}'")
-            em.declare(grad, em.dtype(node.input[i]))
+            dtype = em.dtype(node.input[i])  # an integer tensor's cotangent: its rule's float
+            em.declare(grad, dtype if dtype in FLOAT_DTYPES else em.dtype(grad))
             self._contributions.setdefault(node.input[i], []).append(grad)
         em.prefix = "grad/"
 

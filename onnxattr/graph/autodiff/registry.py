@@ -5,7 +5,8 @@ output cotangents, shapes, dtypes, constants and emit helpers) and returns the c
 node's inputs, a list aligned with `node.input` (None where it has none; a single name stands
 for input 0). `inputs=` names the input positions that carry a gradient; the others (shapes,
 axes, weights, a Where's condition) never do, and the reverse pass refuses a graph where the
-differentiated tensor reaches one of them.
+differentiated tensor reaches one of them. `integer_outputs=True` lets the gradient through the
+node's integer outputs (QuantizeLinear's: their cotangents are float, see quantize.py).
 
     @vjp("Exp")
     def exp(g):
@@ -28,19 +29,22 @@ class Rule:
     op_type: str
     function: object
     inputs: tuple | None  # input positions that carry a gradient; None: all of them
+    integer_outputs: bool = False  # whether its integer outputs carry a (float) cotangent
 
 
 VJP_RULES = {}
 
 
-def vjp(*op_types, inputs=(0,)):
+def vjp(*op_types, inputs=(0,), integer_outputs=False):
     """Register the decorated function as the vector-Jacobian rule of `op_types`; `inputs` are
-    the differentiable input positions (None for all, as in Sum or Concat)."""
+    the differentiable input positions (None for all, as in Sum or Concat); `integer_outputs`:
+    whether the walk goes on through the node's integer outputs."""
     def register(function):
         for op_type in op_types:
             if op_type in VJP_RULES:
                 raise ValueError(f"two vector-Jacobian rules for {op_type}")
-            VJP_RULES[op_type] = Rule(op_type, function, None if inputs is None else tuple(inputs))
+            VJP_RULES[op_type] = Rule(op_type, function, None if inputs is None else tuple(inputs),
+                                      integer_outputs)
         return function
     return register
 
