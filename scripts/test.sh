@@ -13,4 +13,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/ruff check .
+# The Keras exporter's environment (.venv-tf, tests/conftest.py::framework_python): made by the
+# first run that needs it (about 3 minutes, 1.6 GB), then kept; the cheapest of the non-PyTorch
+# exporters to run (jax2onnx installs as long and exports slower), and test_keras checks it
+# against TensorFlow's float64 gradient.
+export ONNXATTR_MAKE_VENVS="${ONNXATTR_MAKE_VENVS-tf}"
 exec .venv/bin/python -m pytest "$@"

@@ -1,6 +1,7 @@
 """Shared fixtures: the read-only shared data, the exported BVLC GoogLeNet, its torch reference."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,7 +154,44 @@ def stock_python():
     return python
 
 
-NETWORK_FIXTURES = {"stock_python", "node_example"}  # pip or npm install on their first use
+# The exporter frameworks' own environments (docs/bring-your-model.md), kept out of .venv so that
+# they never mix with the training build: .venv-NAME in the repository, ignored by git.
+FRAMEWORKS = {"tf": ["tensorflow-cpu==2.21.0", "keras==3.15.1", "tf2onnx==1.17.0"],
+              "jax": ["jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "jax2onnx==0.17.1"]}
+
+
+@pytest.fixture(scope="session")
+def framework_python():
+    """get(name) -> the Python of .venv-NAME, an environment with one of FRAMEWORKS: made here
+    (minutes, then kept) when $ONNXATTR_MAKE_VENVS names it (scripts/test.sh: jax), else the one
+    already there (as the page makes it by hand); skips with the way to make it when absent."""
+    def get(name):
+        venv = REPO / f".venv-{name}"
+        python, marker = venv / "bin" / "python", venv / "onnxattr-packages.json"
+        wanted = FRAMEWORKS[name]
+        if marker.exists() and json.loads(marker.read_text()) == wanted:
+            return python
+        if name not in os.environ.get("ONNXATTR_MAKE_VENVS", "").split(","):
+            if python.is_file():
+                return python
+            pytest.skip(f"no {venv.name}: set ONNXATTR_MAKE_VENVS={name} to make it here, or "
+                        f"python3 -m venv {venv.name} && {venv.name}/bin/pip install "
+                        + " ".join(wanted))
+        if venv.exists():
+            shutil.rmtree(venv)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        done = _pip(python, *wanted)
+        if done.returncode:
+            pytest.skip(f"pip cannot install {venv.name}: "
+                        f"{done.stderr.strip().splitlines()[-1:]}")
+        marker.write_text(json.dumps(wanted))
+        return python
+
+    return get
+
+
+# pip or npm install on their first use
+NETWORK_FIXTURES = {"stock_python", "node_example", "framework_python"}
 
 
 def pytest_collection_modifyitems(items):

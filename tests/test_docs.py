@@ -17,14 +17,26 @@ SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.M | re.
 # A command's leading words: the tests (or fixtures) that run it. Every flag a page's command
 # gives must appear in one of these tests' files. A command in no entry fails
 # test_every_command_in_the_pages_is_run_by_a_test: add the test that runs it here.
+BRING = "tests/test_bring_your_model.py::"  # docs/bring-your-model.md's export commands
 COVERED = {
     "python3 -m venv": ["tests/conftest.py::stock_python"],
+    "python3 -m venv .venv-": ["tests/conftest.py::framework_python"],
+    ".venv-tf/bin/pip install": ["tests/conftest.py::framework_python"],
+    ".venv-jax/bin/pip install": ["tests/conftest.py::framework_python"],
+    "python examples/export/torchvision_model.py": [
+        BRING + "test_torchvision_export_with_the_imagenet_flags"],
+    "python examples/export/timm_model.py": [BRING + "test_timm_export_states_its_contract"],
+    ".venv-tf/bin/python examples/export/keras_model.py": [BRING + "test_keras_export_with_tf2onnx_defaults"],
+    ".venv-jax/bin/python examples/export/flax_model.py": [BRING + "test_flax_export_with_jax2onnx_defaults"],
+    "python examples/export/float16.py": [BRING + "test_float16_conversion"],
+    "python examples/export/quantize.py": [BRING + "test_int8_quantization"],
     "pip install": ["tests/conftest.py::stock_python"],
     "python scripts/export_googlenet.py --caffe": ["tests/test_export.py::test_cli_caffe_export"],
     "onnxattr explain": ["tests/test_cli.py::test_method_all_leaves_out_what_does_not_apply",
                          "tests/test_layer_methods.py::test_cli_explains_with_the_three_methods",
                          "tests/test_layout.py::test_output_and_labels_through_the_cli",
-                         "tests/test_layout.py::test_layout_and_channel_order_flags_through_the_cli"],
+                         "tests/test_layout.py::test_layout_and_channel_order_flags_through_the_cli",
+                         BRING + "test_torchvision_export_with_the_imagenet_flags"],
     "onnxattr audit": ["tests/test_report.py::test_audit_summary_records_done_and_failed",
                        "tests/test_metrics.py::test_cli_evaluate_and_audit_write_the_metrics"],
     "onnxattr evaluate": ["tests/test_metrics.py::test_cli_evaluate_and_audit_write_the_metrics"],

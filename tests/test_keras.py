@@ -2,13 +2,10 @@
 explained as it is and checked against TensorFlow's float64 gradient (issue 22's Done-when:
 within 3e-2; the export's own noise is ~3e-3).
 
-TensorFlow is a test-only dependency kept out of onnxattr's environment: the export runs in a
-Python that has tensorflow-cpu and tf2onnx, $ONNXATTR_TF_PYTHON or .venv-tf/bin/python in the
-repository (python3.11 -m venv .venv-tf && .venv-tf/bin/pip install tensorflow-cpu tf2onnx);
-without one the test skips and says why.
+TensorFlow is a test-only dependency kept out of onnxattr's environment: the export runs in
+.venv-tf (conftest.py::framework_python, which says how to make it when it skips).
 """
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,20 +16,15 @@ from onnxattr import Explainer
 
 from tolerance import rel_l2
 
-REPO = Path(__file__).resolve().parents[1]
-TF_PYTHON = Path(os.environ.get("ONNXATTR_TF_PYTHON", REPO / ".venv-tf" / "bin" / "python"))
-
 
 @pytest.fixture(scope="module")
-def keras_cnn(tmp_path_factory):
-    if not TF_PYTHON.is_file():
-        pytest.skip(f"no Python with TensorFlow and tf2onnx at {TF_PYTHON} (set "
-                    "ONNXATTR_TF_PYTHON, or make .venv-tf: see this file's docstring)")
+def keras_cnn(tmp_path_factory, framework_python):
+    python = framework_python("tf")
     out = tmp_path_factory.mktemp("keras")
-    run = subprocess.run([str(TF_PYTHON), str(Path(__file__).with_name("keras_export.py")),
+    run = subprocess.run([str(python), str(Path(__file__).with_name("keras_export.py")),
                           str(out)], capture_output=True, text=True, timeout=300)
     if run.returncode != 0 and "ModuleNotFoundError" in run.stderr:
-        pytest.skip(f"{TF_PYTHON} lacks tensorflow or tf2onnx: {run.stderr.splitlines()[-1]}")
+        pytest.skip(f"{python} lacks tensorflow or tf2onnx: {run.stderr.splitlines()[-1]}")
     assert run.returncode == 0, run.stderr[-2000:]
     return out / "cnn.onnx", np.load(out / "reference.npz")
 
