@@ -45,9 +45,10 @@ def run_case(model, case, builder, image, limit):
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)
-        killed = threading.Event()
-        threading.Thread(target=_watch, args=(child, limit, killed), daemon=True).start()
-        _, status, usage = os.wait4(child.pid, 0)
+        killed, done = threading.Event(), threading.Event()
+        threading.Thread(target=_watch, args=(child, limit, killed, done), daemon=True).start()
+        _, status, usage = os.wait4(child.pid, 0)  # the watchdog never reaps: this wait does
+        done.set()
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
         errors = child.stderr.read().decode(errors="replace").strip().splitlines()
@@ -58,9 +59,9 @@ def run_case(model, case, builder, image, limit):
     return usage.ru_maxrss * 1024, seconds, outcome
 
 
-def _watch(child, limit, killed):
-    """Kill `child` when its RSS passes `limit` bytes."""
-    while child.poll() is None:
+def _watch(child, limit, killed, done):
+    """Kill `child` when its RSS passes `limit` bytes (until `done`)."""
+    while not done.is_set():
         if limit and rss_bytes(child.pid) > limit:
             killed.set()
             child.kill()

@@ -121,6 +121,22 @@ def loads_references(ort):
     return True
 
 
+def without_data(model, min_bytes=MIN_SHARED_BYTES):
+    """A copy of `model` whose initializers of `min_bytes` and more keep their name, type and
+    shape but not their data (marked external, location "omitted"): enough for shape
+    inference, which would otherwise pass the whole model through several copies."""
+    light = _copy_fields(model, onnx.ModelProto(), skip="graph")
+    graph = _copy_fields(model.graph, light.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.DEFAULT and _nbytes(tensor) >= min_bytes:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                  data_location=onnx.TensorProto.EXTERNAL).external_data.add(
+                key="location", value="omitted")
+        else:
+            graph.initializer.add().CopyFrom(tensor)
+    return light
+
+
 def _copy_fields(source, target, skip):
     """Copy every field of protobuf message `source` but `skip` into `target`; returns it."""
     for field, value in source.ListFields():
