@@ -27,7 +27,7 @@ def fake_pool(monkeypatch, threads=2, workers=None, device="cpu", fixed_batch=No
     """A SessionPool of FakeSessions; `made` lists them in the order they were made."""
     made = []
 
-    def make_session(model, device, threads, precision):
+    def make_session(model, device, threads, precision, weights=None):
         made.append(FakeSession(threads))
         return made[-1]
     monkeypatch.setattr(runtime, "make_session", make_session)
@@ -71,7 +71,7 @@ def test_sessions_get_the_cuda_options(with_cuda, monkeypatch, tmp_path):
 
 
 def test_explainer_takes_the_precision(with_cuda, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "make_session", lambda *args: None)  # the CUDA is pretended
+    monkeypatch.setattr(runtime, "make_session", lambda *args, **kwargs: None)  # the CUDA is pretended
     path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
     assert Explainer(path, device="cuda", precision="tf32").engine.precision == "tf32"
     with pytest.raises(OnnxAttrError, match="unknown precision"):

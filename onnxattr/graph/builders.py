@@ -114,9 +114,13 @@ def _read_entry(path, key):
     if not path.is_file():  # missing, or a directory or FIFO: never opened
         return None
     try:
-        header, _, body = path.read_bytes().partition(b"\n")
-        if json.loads(header) == {"key": key, "sha256": hashlib.sha256(body).hexdigest()}:
-            return onnx.load_from_string(body)
+        data = path.read_bytes()
+        split = data.find(b"\n") + 1 or len(data)
+        body = memoryview(data)[split:]  # no copy of the graph's bytes
+        if json.loads(data[:split]) == {"key": key, "sha256": hashlib.sha256(body).hexdigest()}:
+            graph = onnx.ModelProto()
+            graph.ParseFromString(body)
+            return graph
     except (OSError, ValueError, DecodeError):  # unreadable, or not JSON
         pass
     return None
@@ -126,8 +130,9 @@ def _write_entry(path, key, graph):
     try:
         body = graph.SerializeToString()
         header = json.dumps({"key": key, "sha256": hashlib.sha256(body).hexdigest()})
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(header.encode() + b"\n" + body)
+        with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+            stream.write(header.encode() + b"\n")
+            stream.write(body)  # not joined to the header: no second copy of the graph
     except (OSError, ValueError) as err:  # an unwritable cache, or a graph over 2 GB
         reason = getattr(err, "strerror", None) or err
         warnings.warn(f"cannot write the graph cache entry {path} ({reason}); graphs are "

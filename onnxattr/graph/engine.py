@@ -30,6 +30,7 @@ from .prepare import (
 )
 from .relu_rules import VANILLA
 from .runtime import SessionPool
+from .weights import SharedWeights
 
 
 class AttributionEngine:
@@ -51,24 +52,25 @@ class AttributionEngine:
         self.precision = precision
         self.builders_used = {}  # (rule, score, layer) -> the builder that made that graph
         self.last_builder = None  # the builder of the last gradient graph run
-        self._forward_graphs = {}
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
         self._forward_session = None
         self._last_forward = (None, None)
         self._gradient_sessions = {}
+        self._weights = None
 
     def forward_graph(self, builder="native", layer=None):
         """The prepared forward graph (outputs prob, logits, and `layer` when given) with
-        `builder`'s forward fixes."""
-        key = (builder, layer)
-        if key not in self._forward_graphs:
-            self._forward_graphs[key] = prepare_forward(self.classifier, FORWARD_FIXES[builder],
-                                                        [layer] if layer else [])
-        return self._forward_graphs[key]
+        `builder`'s forward fixes: made anew at each call, not kept (it holds a copy of the
+        weights; the sessions share one, onnxattr.graph.weights)."""
+        return prepare_forward(self.classifier, FORWARD_FIXES[builder], [layer] if layer else [])
 
     def session(self, graph):
+        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
+        them in the process; onnxattr.graph.weights)."""
+        if self._weights is None:
+            self._weights = SharedWeights(self.classifier.proto)
         return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch)
+                           self.classifier.batch, self._weights)
 
     def open(self):
         """Open the forward session now, so a model onnxruntime cannot load fails before any

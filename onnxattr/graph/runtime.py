@@ -15,12 +15,14 @@ session by padding the last chunk (SessionPool).
 
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import OnnxAttrError
 from .control_flow import CONTROL_FLOW
+from .weights import loads_references
 
 _HIDE_TORCH = "torch" not in sys.modules
 if _HIDE_TORCH:
@@ -74,10 +76,12 @@ def provider_options(device, precision="float32"):
     return [(provider, cuda), "CPUExecutionProvider"]
 
 
-def make_session(model, device="cpu", threads=None, precision="float32", profile_prefix=None):
+def make_session(model, device="cpu", threads=None, precision="float32", profile_prefix=None,
+                 weights=None):
     """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back.
     `profile_prefix`: onnxruntime's profiling on, its JSON file named so
-    (scripts/profile_gradient.py)."""
+    (scripts/profile_gradient.py). `weights`: the model's SharedWeights (onnxattr.graph.weights),
+    which the session reads in place instead of copying them."""
     ort = _require_onnxruntime()
     providers = provider_options(device, precision)
     options = ort.SessionOptions()
@@ -92,8 +96,7 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers,
-                                       disabled_optimizers=disabled_optimizers(model))
+        session = _load_session(ort, model, options, providers, weights)
     except Exception as err:  # onnxruntime raises its own exception types per build
         raise OnnxAttrError(f"onnxruntime cannot load the graph: {str(err).strip().splitlines()[-1]}"
                             ) from None
@@ -112,6 +115,29 @@ def disabled_optimizers(model):
     if any(node.op_type in CONTROL_FLOW for node in model.graph.node):
         return ["ConvActivationFusion"]
     return []
+
+
+def _load_session(ort, model, options, providers, weights):
+    """The InferenceSession, with the initializers that `weights` holds shared (and prepacking
+    off: its copies are per session). A graph with shared initializers is loaded from a file,
+    deleted at once: onnxruntime's optimizer reads external data only in a model with a path;
+    an onnxruntime that refuses references to memory gets the data (a passing copy) instead."""
+    kwargs = {"providers": providers, "disabled_optimizers": disabled_optimizers(model)}
+    if weights is None:
+        return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
+    stripped, names = weights.strip(model)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    values = weights.ort_values(ort)
+    for name in names:
+        options.add_initializer(name, values[name])
+    if not names or not loads_references(ort):
+        full = weights.restore(stripped) if names else stripped
+        return ort.InferenceSession(full.SerializeToString(), options, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="onnxattr-") as folder:
+        path = os.path.join(folder, "graph.onnx")
+        with open(path, "wb") as stream:
+            stream.write(stripped.SerializeToString())
+        return ort.InferenceSession(path, options, **kwargs)
 
 
 # A run starts the workers' sessions when it has at least this many rows per worker (the 2 rows
@@ -166,8 +192,10 @@ class SessionPool:
     so the session sees one input shape (cuDNN's algorithm search runs once per shape)."""
 
     def __init__(self, model, device="cpu", threads=None, precision="float32", workers=None,
-                 fixed_batch=None):
-        self.model, self.device, self.precision = model, device, precision
+                 fixed_batch=None, weights=None):
+        self.weights = weights
+        self.model = weights.strip(model)[0] if weights is not None else model
+        self.device, self.precision = device, precision
         self.threads, self.fixed_batch = threads, fixed_batch
         self.workers = workers or default_workers(device, threads)
         self._whole = None
@@ -180,14 +208,15 @@ class SessionPool:
 
     def _whole_session(self):
         if self._whole is None:
-            self._whole = make_session(self.model, self.device, self.threads, self.precision)
+            self._whole = make_session(self.model, self.device, self.threads, self.precision,
+                                       weights=self.weights)
         return self._whole
 
     def _part_sessions(self):
         if not self._parts:
             threads = max(1, cpu_threads(self.threads) // self.workers)
-            self._parts = [make_session(self.model, self.device, threads, self.precision)
-                           for _ in range(self.workers)]
+            self._parts = [make_session(self.model, self.device, threads, self.precision,
+                                        weights=self.weights) for _ in range(self.workers)]
         return self._parts
 
     def run(self, feeds, outputs, batch_size=None):

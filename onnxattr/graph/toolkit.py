@@ -17,6 +17,7 @@ from ..errors import OnnxAttrError
 from ..io.model import STANDARD_DOMAINS, default_opset
 from .control_flow import reads
 from .runtime import make_session, onnxruntime
+from .weights import without_data
 
 MAX_IR_VERSION = 10  # the newest IR version every runtime we target loads (ORT-training 1.19.2)
 # The oldest default-domain opset of the graphs onnxattr writes: ScatterElements with reduction
@@ -114,8 +115,8 @@ def infer_shapes(model, symbolic=False):
     of exported models resolve), initializers included. Tensors inference knows nothing of are
     absent. With `symbolic`, a dimension inference names but cannot size is its name (a str,
     such as the batch "N") instead of None."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    try:  # the weights' values play no part: inference on a copy without them
+        inferred = onnx.shape_inference.infer_shapes(without_data(model), data_prop=True)
     except Exception:  # inference is best effort: a rule that needs a shape says so itself
         inferred = model
     graph = inferred.graph

@@ -35,6 +35,7 @@ from ..graph.prepare import (
 from ..graph.relu_rules import RELU_RULES, VANILLA
 from ..graph.runtime import SessionPool
 from ..graph.toolkit import GraphEditor, copy_model, prune
+from ..graph.weights import SharedWeights
 from ..io.files import atomic_path
 from ..io.model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
 from .table import compilable_methods, get_method
@@ -188,6 +189,7 @@ class CompiledEngine:
         self._class_output = PROB if classifier.prob_output else LOGITS
         self._session = None
         self._forward_session = None
+        self._weights = None
 
     def _both(self, values):
         """(prob, logits) from the model's one class output."""
@@ -199,8 +201,12 @@ class CompiledEngine:
         return shifted / shifted.sum(axis=1, keepdims=True), values
 
     def _make_session(self, model):
+        """A SessionPool whose sessions share the model's weights, as the source model's do
+        (onnxattr.graph.weights), so both compute alike."""
+        if self._weights is None:
+            self._weights = SharedWeights(self.classifier.proto)
         return SessionPool(model, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch)
+                           self.classifier.batch, self._weights)
 
     def open(self):
         """Open the forward session now, so a model onnxruntime cannot load fails before any

@@ -1,0 +1,160 @@
+"""One copy of a model's weights per process, whatever the number of graphs and sessions.
+
+Every graph onnxattr runs (the forward graph, one gradient graph per ReLU rule, score and
+layer) carries the model's initializers, and every onnxruntime session made from a graph kept
+its own copy of them, plus a prepacked copy of each Gemm and MatMul weight: VGG11-BN (531 MB)
+peaked at 13.6 GB for gradient, guided backprop and integrated gradients. `SharedWeights`
+holds the model's large initializers once, as arrays that onnxruntime reads in place
+(SessionOptions.add_initializer); `strip` replaces them in a graph by references to those
+arrays (onnxruntime's in-memory external data, `MEMORY_TAG`), so a graph kept for its sessions
+is a few kilobytes. Only an initializer equal to the model's (same name, type, shape and
+bytes) is shared: a weight a forward fix rewrote keeps its own data.
+
+Sessions made with shared weights have prepacking off (its copies are per session);
+onnxruntime's NCHWc layout still keeps a reordered copy of each Conv weight per session.
+Measured in docs/scale.md (scripts/bench_memory.py).
+"""
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"  # onnxruntime: external data at a memory address (offset)
+MIN_SHARED_BYTES = 16 * 1024  # smaller initializers stay in the graphs
+
+
+class SharedWeights:
+    """The initializers of `proto` of at least MIN_SHARED_BYTES, held once as arrays."""
+
+    def __init__(self, proto):
+        self.arrays = {}
+        for tensor in proto.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.DEFAULT and _nbytes(tensor) >= \
+                    MIN_SHARED_BYTES:
+                self.arrays[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
+        self._values = None
+
+    def ort_values(self, ort):
+        """{name: OrtValue over the array} (made once; onnxruntime `ort`'s OrtValue)."""
+        if self._values is None:
+            self._values = {name: ort.OrtValue.ortvalue_from_numpy(array)
+                            for name, array in self.arrays.items()}
+        return self._values
+
+    def strip(self, model):
+        """(a copy of `model` whose initializers equal to shared ones reference them, the names
+        of the initializers that do); `model` itself when it has nothing more to strip. The
+        copy is made without the shared data: a protobuf message frees nothing before it goes
+        (a copied tensor whose data is cleared keeps its bytes)."""
+        kinds = [self._kind(tensor) for tensor in model.graph.initializer]
+        names = [t.name for t, kind in zip(model.graph.initializer, kinds) if kind]
+        if "equal" not in kinds:
+            return model, names
+        stripped = _copy_fields(model, onnx.ModelProto(), skip="graph")
+        graph = _copy_fields(model.graph, stripped.graph, skip="initializer")
+        for tensor, kind in zip(model.graph.initializer, kinds):
+            if kind != "equal":
+                graph.initializer.add().CopyFrom(tensor)
+                continue
+            array = self.arrays[tensor.name]
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                  data_location=onnx.TensorProto.EXTERNAL).external_data.extend(
+                onnx.StringStringEntryProto(key=key, value=str(value)) for key, value in (
+                    ("location", MEMORY_TAG), ("offset", array.ctypes.data),
+                    ("length", array.nbytes)))
+        return stripped, names
+
+    def restore(self, model):
+        """A copy of `model` with the shared data back in place of its references (for an
+        onnxruntime that refuses them: see loads_references)."""
+        full = _copy_fields(model, onnx.ModelProto(), skip="graph")
+        graph = _copy_fields(model.graph, full.graph, skip="initializer")
+        for tensor in model.graph.initializer:
+            if self._kind(tensor) == "reference":
+                graph.initializer.append(numpy_helper.from_array(self.arrays[tensor.name],
+                                                                 tensor.name))
+            else:
+                graph.initializer.add().CopyFrom(tensor)
+        return full
+
+    def _kind(self, tensor):
+        """"equal" for an initializer with a shared one's data, "reference" for one that
+        references it already, else None."""
+        array = self.arrays.get(tensor.name)
+        if array is None:
+            return None
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            return "reference" if info == {"location": MEMORY_TAG, "offset": str(
+                array.ctypes.data), "length": str(array.nbytes)} else None
+        if tuple(tensor.dims) != array.shape or \
+                onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) != array.dtype:
+            return None
+        return "equal" if np.array_equal(numpy_helper.to_array(tensor), array) else None
+
+
+@functools.cache
+def loads_references(ort):
+    """Whether onnxruntime `ort` loads a graph file whose initializers reference memory
+    (1.19 does; 1.32 refuses a model protobuf with such a marker)."""
+    source = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [MIN_SHARED_BYTES // 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(MIN_SHARED_BYTES // 4, np.float32), "w")]))
+    probe = SharedWeights(source)
+    model, _ = probe.strip(source)
+    model.ir_version, model.opset_import[0].version = 8, 13
+    options = ort.SessionOptions()
+    options.add_initializer("w", probe.ort_values(ort)["w"])
+    with tempfile.TemporaryDirectory(prefix="onnxattr-") as folder:
+        path = os.path.join(folder, "probe.onnx")
+        onnx.save(model, path)
+        try:
+            ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime raises its own exception types per build
+            return False
+    return True
+
+
+def without_data(model, min_bytes=MIN_SHARED_BYTES):
+    """A copy of `model` whose initializers of `min_bytes` and more keep their name, type and
+    shape but not their data (marked external, location "omitted"): enough for shape
+    inference, which would otherwise pass the whole model through several copies."""
+    light = _copy_fields(model, onnx.ModelProto(), skip="graph")
+    graph = _copy_fields(model.graph, light.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.DEFAULT and _nbytes(tensor) >= min_bytes:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                  data_location=onnx.TensorProto.EXTERNAL).external_data.add(
+                key="location", value="omitted")
+        else:
+            graph.initializer.add().CopyFrom(tensor)
+    return light
+
+
+def _copy_fields(source, target, skip):
+    """Copy every field of protobuf message `source` but `skip` into `target`; returns it."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return target
+
+
+def _nbytes(tensor):
+    """Bytes of a tensor's data (0 for a type numpy cannot hold)."""
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError):
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
