@@ -33,7 +33,34 @@ from .runtime import SessionPool
 from .weights import SharedWeights
 
 
-class AttributionEngine:
+class EngineSessions:
+    """What both engines share (this module's and a compiled model's, onnxattr.methods.compile):
+    sessions whose graphs share the model's weights, and the forward session, opened once. An
+    engine sets classifier, device, threads, precision and workers, and has forward_model()."""
+
+    _weights = None
+    _forward_session = None
+
+    def session(self, graph):
+        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
+        them in the process; onnxattr.graph.weights)."""
+        if self._weights is None:
+            self._weights = SharedWeights(self.classifier.proto)
+        return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
+                           self.classifier.batch, self._weights)
+
+    def open(self):
+        """Open the forward session now, so a model onnxruntime cannot load fails before any
+        image."""
+        self._forward_pool().open()
+
+    def _forward_pool(self):
+        if self._forward_session is None:
+            self._forward_session = self.session(self.forward_model())
+        return self._forward_session
+
+
+class AttributionEngine(EngineSessions):
     """Runs forward passes and d score / d image for one classifier on one device.
 
     `builder`: "auto", "onnxruntime" or "native" (onnxattr.graph.builders). `precision`: "float32"
@@ -53,10 +80,8 @@ class AttributionEngine:
         self.builders_used = {}  # (rule, score, layer) -> the builder that made that graph
         self.last_builder = None  # the builder of the last gradient graph run
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
-        self._forward_session = None
         self._last_forward = (None, None)
         self._gradient_sessions = {}
-        self._weights = None
 
     def forward_graph(self, builder="native", layer=None):
         """The prepared forward graph (outputs prob, logits, and `layer` when given) with
@@ -64,23 +89,9 @@ class AttributionEngine:
         weights; the sessions share one, onnxattr.graph.weights)."""
         return prepare_forward(self.classifier, FORWARD_FIXES[builder], [layer] if layer else [])
 
-    def session(self, graph):
-        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
-        them in the process; onnxattr.graph.weights)."""
-        if self._weights is None:
-            self._weights = SharedWeights(self.classifier.proto)
-        return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch, self._weights)
-
-    def open(self):
-        """Open the forward session now, so a model onnxruntime cannot load fails before any
-        image."""
-        self._forward_pool().open()
-
-    def _forward_pool(self):
-        if self._forward_session is None:
-            self._forward_session = self.session(self.forward_graph())
-        return self._forward_session
+    def forward_model(self):
+        """The graph of the forward session (EngineSessions)."""
+        return self.forward_graph()
 
     def forward(self, pixels, batch_size=None, reuse=True):
         """Class probabilities and logits for pixels [N, C, H, W].

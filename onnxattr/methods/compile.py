@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from .._version import __version__
 from ..errors import OnnxAttrError
 from ..graph.builders import GraphCache
-from ..graph.engine import AttributionEngine
+from ..graph.engine import AttributionEngine, EngineSessions
 from ..graph.lowering import lower_graph
 from ..graph.prepare import (
     LOGITS,
@@ -33,9 +33,7 @@ from ..graph.prepare import (
     select_scores,
 )
 from ..graph.relu_rules import RELU_RULES, VANILLA
-from ..graph.runtime import SessionPool
 from ..graph.toolkit import GraphEditor, copy_model, prune
-from ..graph.weights import SharedWeights
 from ..io.files import atomic_path
 from ..io.model import CONTRACT_KEY, LABELS_KEY, METHOD_KEY, SCORE_KEY, load_model
 from .table import compilable_methods, get_method
@@ -162,7 +160,7 @@ def forward_part(compiled):
     return forward
 
 
-class CompiledEngine:
+class CompiledEngine(EngineSessions):
     """Runs a compiled attribution model (`onnxattr compile`) on any onnxruntime.
 
     The model holds one backward rule and one score (its metadata says which); asking for
@@ -188,8 +186,6 @@ class CompiledEngine:
             else None
         self._class_output = PROB if classifier.prob_output else LOGITS
         self._session = None
-        self._forward_session = None
-        self._weights = None
 
     def _both(self, values):
         """(prob, logits) from the model's one class output."""
@@ -200,23 +196,10 @@ class CompiledEngine:
         shifted = np.exp(values - values.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True), values
 
-    def _make_session(self, model):
-        """A SessionPool whose sessions share the model's weights, as the source model's do
-        (onnxattr.graph.weights), so both compute alike."""
-        if self._weights is None:
-            self._weights = SharedWeights(self.classifier.proto)
-        return SessionPool(model, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch, self._weights)
-
-    def open(self):
-        """Open the forward session now, so a model onnxruntime cannot load fails before any
-        image."""
-        self._forward_pool().open()
-
-    def _forward_pool(self):
-        if self._forward_session is None:
-            self._forward_session = self._make_session(forward_part(self.classifier.proto))
-        return self._forward_session
+    def forward_model(self):
+        """The compiled model's forward half (EngineSessions; its sessions share the model's
+        weights as the source model's do, so both compute alike)."""
+        return forward_part(self.classifier.proto)
 
     def forward(self, pixels, batch_size=None):
         """Class probabilities and logits for pixels [N, C, H, W] (the forward half only)."""
@@ -260,7 +243,7 @@ class CompiledEngine:
         """The compiled method's attribution for every row n; returns (attribution, prob, logits)."""
         self.check(rule, score)
         if self._session is None:
-            self._session = self._make_session(self.classifier.proto)
+            self._session = self.session(self.classifier.proto)
         feeds = {IMAGE: pixels.astype(np.float32, copy=False),
                  TARGET: np.asarray(targets, np.int64).reshape(len(pixels))}
         attribution, values = self._session.run(feeds, [ATTRIBUTION, self._class_output],
