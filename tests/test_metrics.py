@@ -132,6 +132,62 @@ def test_infidelity_matches_the_definition(small):
         assert got["gradient"]["infidelity"].value == pytest.approx(want, rel=1e-4)
 
 
+def reference_imputation(image, removed):
+    """Rong et al.'s noisy linear imputation without the noise, from the paper's definition:
+    every removed pixel equals the mean of its in-image neighbours weighted 1/6 (direct) and
+    1/12 (diagonal), the removed ones unknown too: one dense linear system."""
+    height, width = removed.shape
+    unknown = [(y, x) for y in range(height) for x in range(width) if removed[y, x]]
+    index = {cell: i for i, cell in enumerate(unknown)}
+    system, rhs = np.zeros((len(unknown), len(unknown))), np.zeros((len(unknown), len(image)))
+    for i, (y, x) in enumerate(unknown):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if (dy or dx) and 0 <= y + dy < height and 0 <= x + dx < width:
+                    weight = 1 / 12 if dy and dx else 1 / 6
+                    system[i, i] += weight
+                    if (y + dy, x + dx) in index:
+                        system[i, index[y + dy, x + dx]] -= weight
+                    else:
+                        rhs[i] += weight * image[:, y + dy, x + dx]
+    filled = image.astype(np.float64).copy()
+    for (y, x), value in zip(unknown, np.linalg.solve(system, rhs)):
+        filled[:, y, x] = value
+    return filled
+
+
+def test_road_matches_the_definition(small):
+    explainer, evaluator, photo = small
+    explanation = explainer.explain(photo, "gradient")
+    percentages = (20, 50, 90)
+    got = explainer.evaluate(photo, explanation, ["road"],
+                             metric_options={"percentages": percentages, "noise": 0})
+    pixels = explainer.pixels([photo])[0].astype(np.float64)
+    saliency = pixel_saliency(explanation.attribution)
+    for name, ranking in (("gradient", saliency), ("gradient (inverted)", -saliency)):
+        order = raster_order(ranking)
+        curves = {}
+        for key, removed_cells in (("road_morf_auc", lambda p: order[:64 * p // 100]),
+                                   ("road_lerf_auc", lambda p: order[64 * (100 - p) // 100:])):
+            curve = []
+            for p in percentages:
+                removed = np.zeros((8, 8), bool)
+                for i in removed_cells(p):
+                    removed[divmod(i, 8)] = True
+                image = reference_imputation(pixels, removed)
+                curve.append(probability(evaluator, image, explanation.class_index))
+            np.testing.assert_allclose(got[name][key].curve, curve, atol=1e-5)
+            # trapezoids over 20..50..90: widths 30 and 40
+            curves[key] = ((curve[0] + curve[1]) * 15 + (curve[1] + curve[2]) * 20) / 70
+            assert got[name][key].value == pytest.approx(curves[key], abs=1e-5)
+        assert got[name]["road_gap"].value == pytest.approx(
+            curves["road_lerf_auc"] - curves["road_morf_auc"], abs=1e-5)
+    noisy = explainer.evaluate(photo, explanation, ["road"],
+                               metric_options={"percentages": percentages})["gradient"]
+    assert not np.allclose(noisy["road_morf_auc"].curve, got["gradient"]["road_morf_auc"].curve,
+                           atol=1e-7)
+
+
 def test_bad_metric_input_is_one_error(small):
     explainer, _, photo = small
     with pytest.raises(OnnxAttrError, match="unknown metric 'nope'"):
@@ -140,6 +196,8 @@ def test_bad_metric_input_is_one_error(small):
         explainer.evaluate(photo, "gradient", ["deletion"], metric_options={"patch": 4})
     with pytest.raises(OnnxAttrError, match="steps must be a whole number"):
         explainer.evaluate(photo, "gradient", ["deletion"], metric_options={"steps": 0})
+    with pytest.raises(OnnxAttrError, match="percentages must be"):
+        explainer.evaluate(photo, "gradient", ["road"], metric_options={"percentages": (50, 20)})
     explanation = explainer.explain(photo, "gradient")
     with pytest.raises(OnnxAttrError, match="reruns the method"):
         explainer.evaluate(photo, explanation, ["max-sensitivity"])
