@@ -275,6 +275,50 @@ def test_googlenet_orderings(googlenet, photos):
         assert method["insertion_auc"].value > inverted["insertion_auc"].value
 
 
+def reference_blur(pixels):
+    """The insertion start from the protocol: a Gaussian of sigma 0.1 x the larger side,
+    truncated at 3 sigma and normalised, edges mirrored, rows then columns."""
+    sigma = 0.1 * max(pixels.shape[-2:])
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    height, width = pixels.shape[-2:]
+    padded = np.pad(pixels.astype(np.float64), ((0, 0), (radius, radius), (0, 0)), "symmetric")
+    rows = sum(k * padded[:, i:i + height] for i, k in enumerate(kernel))
+    padded = np.pad(rows, ((0, 0), (0, 0), (radius, radius)), "symmetric")
+    return sum(k * padded[:, :, i:i + width] for i, k in enumerate(kernel))
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores
+def test_googlenet_deletion_and_insertion_match_an_independent_protocol(googlenet, googlenet_path,
+                                                                         photos):
+    """The issue's cross-check on the real weights: both AUCs of two methods on two photos
+    equal a numpy implementation of the protocol run on the model file by onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(googlenet_path))
+    steps, chosen = 10, [p for p in photos if p.stem in ("chelsea", "coffee")]
+    for photo in chosen:
+        pixels = googlenet.pixels([photo])[0]
+        blurred = reference_blur(pixels)
+        for method in ("guided-backprop", "grad-cam"):
+            explanation = googlenet.explain(photo, method)
+            got = googlenet.evaluate(photo, explanation, ["deletion", "insertion"],
+                                     metric_options={"steps": steps})[method]
+            order = np.argsort(-np.abs(explanation.attribution).sum(axis=0).ravel(), kind="stable")
+            images = {"deletion_auc": [], "insertion_auc": []}
+            for k in range(steps + 1):
+                mask = np.zeros(order.size, bool)
+                mask[order[:round(k * order.size / steps)]] = True
+                mask = mask.reshape(pixels.shape[1:])
+                images["deletion_auc"].append(np.where(mask, 0.0, pixels))
+                images["insertion_auc"].append(np.where(mask, pixels, blurred))
+            for quantity, stack in images.items():
+                (prob,) = session.run(["prob"], {"image": np.array(stack, np.float32)})
+                curve = prob[:, explanation.class_index].astype(np.float64)
+                assert got[quantity].value == pytest.approx(trapezoid_mean(curve), abs=1e-3)
+
+
 # --- the command line and the audit -------------------------------------------------------------
 
 
