@@ -305,7 +305,8 @@ class CaptumSide:
     def quantus_deletion_insertion(self):
         """Quantus's PixelFlipping of the same map (|guided backprop| summed over channels,
         from Captum): deletion to 0, and insertion as PixelFlipping of the blurred image with a
-        perturb_func that puts the photo's values back; the curves, [2, METRIC_STEPS]."""
+        perturb_func that puts the photo's values back; the curves, [2, METRIC_STEPS]. The
+        module's output is already the softmax: Quantus's softmax stays off."""
         import quantus
 
         if not hasattr(self, "quantus_inputs"):
@@ -313,7 +314,7 @@ class CaptumSide:
         x, blurred, a = self.quantus_inputs
         options = {"features_in_step": METRIC_FEATURES, "normalise": False, "disable_warnings": True}
         call = {"model": self.model, "y_batch": np.array([self.target]), "a_batch": a,
-                "channel_first": True, "softmax": True, "device": str(self.x.device)}
+                "channel_first": True, "softmax": False, "device": str(self.x.device)}
         rows = np.arange(len(x))[:, None]
 
         def put_back(arr, indices, **_):
