@@ -52,6 +52,10 @@ CAFFE_DIR = REPO.parent / "shared" / "models" / "bvlc_googlenet"
 PHOTO = REPO / "samples" / "chelsea.png"
 MODELS = ("googlenet", "resnet18", "mobilenet_v2")
 BATCH = 64  # the batched-gradient case
+# deletion-insertion: 147 steps at 224 x 224 on both sides. Quantus's PixelFlipping ranks the
+# map broadcast over the channels and needs features_in_step to divide H x W: 1024 channel
+# values a step (341.3 pixels), 147 steps; onnxattr's 147 steps replace round(k·H·W/147) pixels
+METRIC_STEPS, METRIC_FEATURES = 147, 1024
 # occlusion: onnxattr's defaults at 224 x 224 (a 45-pixel mask, stride 23: 81 masked images),
 # run 16 at a time on both sides, masked pixels set to the photo's channel means
 OCCLUSION_MASK, OCCLUSION_STRIDE, OCCLUSION_BATCH = 45, 23, 16
@@ -129,6 +133,10 @@ def cases(args):
                       lambda s: s.occlude().mean(dim=1)),
         "grad-cam": (lambda s: s.method("grad-cam").sum(axis=1),
                      lambda s: s.grad_cam_map()),
+        # faithfulness of one guided-backprop map: onnxattr's deletion and insertion against
+        # Quantus's PixelFlipping run twice (its own loop, one forward pass per step)
+        "deletion-insertion": (lambda s: s.deletion_insertion(),
+                               lambda s: s.quantus_deletion_insertion()),
     }
     for steps in map(int, args.ig_steps.split(",")):
         # "default": each side's own default chunking (onnxattr 16, Captum all steps at once)
@@ -216,6 +224,21 @@ class OnnxattrSide:
                                                "prob", batch_size, **options)
         return attribution
 
+    def deletion_insertion(self):
+        """Deletion and insertion of the guided-backprop map alone (no controls): the curves
+        after step 0, [2, METRIC_STEPS]."""
+        from onnxattr.methods.metrics import Map, Subject, deletion, insertion
+        from onnxattr.methods.table import CHUNK
+
+        if not hasattr(self, "guided_map"):
+            self.guided_map = self.engine.gradient(self.pixels, self.targets, "guided")[0][0]
+        subject = Subject(self.engine, self.pixels[0], self.targets[0], CHUNK)
+        maps = [Map("guided", self.guided_map)]
+        curves = [measure(subject, maps, steps=METRIC_STEPS)["guided"][quantity].curve[1:]
+                  for measure, quantity in ((deletion, "deletion_auc"),
+                                            (insertion, "insertion_auc"))]
+        return np.stack(curves)
+
 
 def grad_cam_layer(name, module):
     """Captum's layer for Grad-CAM at onnxattr's default layer (the last 4-D activation before
@@ -278,6 +301,40 @@ class CaptumSide:
                 strides=(3, OCCLUSION_STRIDE, OCCLUSION_STRIDE), target=self.target,
                 baselines=x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(),
                 perturbations_per_eval=OCCLUSION_BATCH)
+
+    def quantus_deletion_insertion(self):
+        """Quantus's PixelFlipping of the same map (|guided backprop| summed over channels,
+        from Captum): deletion to 0, and insertion as PixelFlipping of the blurred image with a
+        perturb_func that puts the photo's values back; the curves, [2, METRIC_STEPS]. The
+        module's output is already the softmax: Quantus's softmax stays off."""
+        import quantus
+
+        if not hasattr(self, "quantus_inputs"):
+            self.quantus_inputs = self._quantus_inputs()
+        x, blurred, a = self.quantus_inputs
+        options = {"features_in_step": METRIC_FEATURES, "normalise": False, "disable_warnings": True}
+        call = {"model": self.model, "y_batch": np.array([self.target]), "a_batch": a,
+                "channel_first": True, "softmax": False, "device": str(self.x.device)}
+        rows = np.arange(len(x))[:, None]
+
+        def put_back(arr, indices, **_):
+            arr = arr.copy()
+            arr[rows, indices] = x.reshape(len(x), -1)[rows, indices]
+            return arr
+
+        deleted = quantus.PixelFlipping(perturb_baseline=0.0, **options)(x_batch=x, **call)
+        inserted = quantus.PixelFlipping(perturb_func=put_back, **options)(x_batch=blurred,
+                                                                           **call)
+        return np.array([deleted[0], inserted[0]])
+
+    def _quantus_inputs(self):
+        """The photo, its blur (onnxattr's insertion start, made once, outside the time) and
+        the map, as numpy for Quantus."""
+        from onnxattr.methods.integration import make_baselines
+
+        x = self.x.detach().cpu().numpy()
+        guided = self.guided.attribute(self.x, target=self.target).detach().cpu().numpy()
+        return x, make_baselines("blur", x), np.abs(guided).sum(axis=1, keepdims=True)
 
     def grad_cam_map(self):
         """Captum's LayerGradCam at the layer, ReLU'd, upsampled bilinearly (align_corners

@@ -132,6 +132,62 @@ def test_infidelity_matches_the_definition(small):
         assert got["gradient"]["infidelity"].value == pytest.approx(want, rel=1e-4)
 
 
+def reference_imputation(image, removed):
+    """Rong et al.'s noisy linear imputation without the noise, from the paper's definition:
+    every removed pixel equals the mean of its in-image neighbours weighted 1/6 (direct) and
+    1/12 (diagonal), the removed ones unknown too: one dense linear system."""
+    height, width = removed.shape
+    unknown = [(y, x) for y in range(height) for x in range(width) if removed[y, x]]
+    index = {cell: i for i, cell in enumerate(unknown)}
+    system, rhs = np.zeros((len(unknown), len(unknown))), np.zeros((len(unknown), len(image)))
+    for i, (y, x) in enumerate(unknown):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if (dy or dx) and 0 <= y + dy < height and 0 <= x + dx < width:
+                    weight = 1 / 12 if dy and dx else 1 / 6
+                    system[i, i] += weight
+                    if (y + dy, x + dx) in index:
+                        system[i, index[y + dy, x + dx]] -= weight
+                    else:
+                        rhs[i] += weight * image[:, y + dy, x + dx]
+    filled = image.astype(np.float64).copy()
+    for (y, x), value in zip(unknown, np.linalg.solve(system, rhs)):
+        filled[:, y, x] = value
+    return filled
+
+
+def test_road_matches_the_definition(small):
+    explainer, evaluator, photo = small
+    explanation = explainer.explain(photo, "gradient")
+    percentages = (20, 50, 90)
+    got = explainer.evaluate(photo, explanation, ["road"],
+                             metric_options={"percentages": percentages, "noise": 0})
+    pixels = explainer.pixels([photo])[0].astype(np.float64)
+    saliency = pixel_saliency(explanation.attribution)
+    for name, ranking in (("gradient", saliency), ("gradient (inverted)", -saliency)):
+        order = raster_order(ranking)
+        curves = {}
+        for key, removed_cells in (("road_morf_auc", lambda p: order[:64 * p // 100]),
+                                   ("road_lerf_auc", lambda p: order[64 * (100 - p) // 100:])):
+            curve = []
+            for p in percentages:
+                removed = np.zeros((8, 8), bool)
+                for i in removed_cells(p):
+                    removed[divmod(i, 8)] = True
+                image = reference_imputation(pixels, removed)
+                curve.append(probability(evaluator, image, explanation.class_index))
+            np.testing.assert_allclose(got[name][key].curve, curve, atol=1e-5)
+            # trapezoids over 20..50..90: widths 30 and 40
+            curves[key] = ((curve[0] + curve[1]) * 15 + (curve[1] + curve[2]) * 20) / 70
+            assert got[name][key].value == pytest.approx(curves[key], abs=1e-5)
+        assert got[name]["road_gap"].value == pytest.approx(
+            curves["road_lerf_auc"] - curves["road_morf_auc"], abs=1e-5)
+    noisy = explainer.evaluate(photo, explanation, ["road"],
+                               metric_options={"percentages": percentages})["gradient"]
+    assert not np.allclose(noisy["road_morf_auc"].curve, got["gradient"]["road_morf_auc"].curve,
+                           atol=1e-7)
+
+
 def test_bad_metric_input_is_one_error(small):
     explainer, _, photo = small
     with pytest.raises(OnnxAttrError, match="unknown metric 'nope'"):
@@ -140,6 +196,8 @@ def test_bad_metric_input_is_one_error(small):
         explainer.evaluate(photo, "gradient", ["deletion"], metric_options={"patch": 4})
     with pytest.raises(OnnxAttrError, match="steps must be a whole number"):
         explainer.evaluate(photo, "gradient", ["deletion"], metric_options={"steps": 0})
+    with pytest.raises(OnnxAttrError, match="percentages must be"):
+        explainer.evaluate(photo, "gradient", ["road"], metric_options={"percentages": (50, 20)})
     explanation = explainer.explain(photo, "gradient")
     with pytest.raises(OnnxAttrError, match="reruns the method"):
         explainer.evaluate(photo, explanation, ["max-sensitivity"])
@@ -215,6 +273,50 @@ def test_googlenet_orderings(googlenet, photos):
         assert method["deletion_auc"].value < result["random"]["deletion_auc"].value
         assert method["deletion_auc"].value < inverted["deletion_auc"].value
         assert method["insertion_auc"].value > inverted["insertion_auc"].value
+
+
+def reference_blur(pixels):
+    """The insertion start from the protocol: a Gaussian of sigma 0.1 x the larger side,
+    truncated at 3 sigma and normalised, edges mirrored, rows then columns."""
+    sigma = 0.1 * max(pixels.shape[-2:])
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    height, width = pixels.shape[-2:]
+    padded = np.pad(pixels.astype(np.float64), ((0, 0), (radius, radius), (0, 0)), "symmetric")
+    rows = sum(k * padded[:, i:i + height] for i, k in enumerate(kernel))
+    padded = np.pad(rows, ((0, 0), (0, 0), (radius, radius)), "symmetric")
+    return sum(k * padded[:, :, i:i + width] for i, k in enumerate(kernel))
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores
+def test_googlenet_deletion_and_insertion_match_an_independent_protocol(googlenet, googlenet_path,
+                                                                         photos):
+    """The issue's cross-check on the real weights: both AUCs of two methods on two photos
+    equal a numpy implementation of the protocol run on the model file by onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(googlenet_path))
+    steps, chosen = 10, [p for p in photos if p.stem in ("chelsea", "coffee")]
+    for photo in chosen:
+        pixels = googlenet.pixels([photo])[0]
+        blurred = reference_blur(pixels)
+        for method in ("guided-backprop", "grad-cam"):
+            explanation = googlenet.explain(photo, method)
+            got = googlenet.evaluate(photo, explanation, ["deletion", "insertion"],
+                                     metric_options={"steps": steps})[method]
+            order = np.argsort(-np.abs(explanation.attribution).sum(axis=0).ravel(), kind="stable")
+            images = {"deletion_auc": [], "insertion_auc": []}
+            for k in range(steps + 1):
+                mask = np.zeros(order.size, bool)
+                mask[order[:round(k * order.size / steps)]] = True
+                mask = mask.reshape(pixels.shape[1:])
+                images["deletion_auc"].append(np.where(mask, 0.0, pixels))
+                images["insertion_auc"].append(np.where(mask, pixels, blurred))
+            for quantity, stack in images.items():
+                (prob,) = session.run(["prob"], {"image": np.array(stack, np.float32)})
+                curve = prob[:, explanation.class_index].astype(np.float64)
+                assert got[quantity].value == pytest.approx(trapezoid_mean(curve), abs=1e-3)
 
 
 # --- the command line and the audit -------------------------------------------------------------

@@ -238,7 +238,7 @@ class Explainer:
 
         `explanation_or_method`: a method name (run here with `target`, `**options`), or the
         Explanation(s) of these images. `metric_options`: one dict for every chosen metric
-        that takes the option (steps, patch, samples, noise, radius, normalize)."""
+        that takes the option (steps, patch, percentages, samples, noise, radius, normalize)."""
         images, single = _as_list(image)
         names = parse_metrics(metrics)
         given = explanation_or_method

@@ -16,11 +16,17 @@ at the model's input resolution, highest first, ties in raster order (a stable s
   are put back;
 - pixel flipping (Samek et al. 2017): 8 x 8 patches ranked by their sum of the map, replaced
   by the image's per-channel mean, most relevant first (MoRF) and least relevant first (LeRF),
-  at round(k·P/steps) patches; `flip_gap` = LeRF area - MoRF area.
+  at round(k·P/steps) patches; `flip_gap` = LeRF area - MoRF area;
+- ROAD (Rong et al. 2022): at each of `percentages` (whole percents, their 10..90) the most
+  relevant ⌊p·H·W/100⌋ pixels (MoRF), or all but the most relevant ⌊(100-p)·H·W/100⌋ (LeRF),
+  are removed and imputed by noisy linear imputation (imputation.linear_impute, their
+  neighbour weights, plus N(0, (noise · 255)^2) on each removed value, their 0.01 on 0..1
+  images); `road_gap` = LeRF area - MoRF area.
 
 The score is the softmax probability of the explained class and an area is the trapezoid mean
-over the steps + 1 points. Beside every method, the controls: a uniform random map (from
-`seed`) and the method's map inverted (its ranking reversed, ties still in raster order).
+over the steps + 1 points (ROAD: over the percentages). Beside every method, the controls: a
+uniform random map (from `seed`) and the method's map inverted (its ranking reversed, ties
+still in raster order).
 
 Infidelity and max-sensitivity follow Captum (captum.metrics): infidelity with perturbations
 I ~ N(0, (noise · 255)^2) per pixel, x - I the perturbed image, E[(I·Φ - (f(x) - f(x - I)))^2]
@@ -40,6 +46,7 @@ from ..errors import OnnxAttrError
 from ..graph.prepare import PROB
 from ..graph.runtime import even_chunks
 from ..io.model import PIXEL_RANGE
+from .imputation import linear_impute
 from .integration import make_baselines
 
 RANDOM = "random"
@@ -47,7 +54,8 @@ INVERTED = " (inverted)"  # after a method's name: its inverted control
 DEFAULT_METRICS = ("deletion", "insertion")
 # quantity -> whether higher is better
 QUANTITIES = {"deletion_auc": False, "insertion_auc": True, "morf_auc": False, "lerf_auc": True,
-              "flip_gap": True, "infidelity": False, "max_sensitivity": False}
+              "flip_gap": True, "road_morf_auc": False, "road_lerf_auc": True, "road_gap": True,
+              "infidelity": False, "max_sensitivity": False}
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,7 @@ class Subject:
 
 def area(curve):
     """Trapezoid mean of a curve over evenly spaced points on [0, 1]."""
-    curve = np.asarray(curve, np.float64)
-    return float((curve.sum() - (curve[0] + curve[-1]) / 2) / (len(curve) - 1))
+    return spaced_area(curve, np.arange(len(curve)))
 
 
 def positions(ranking):
@@ -168,6 +175,47 @@ def pixel_flipping(subject, maps, *, steps=50, patch=8):
     return results
 
 
+def road_masks(ranking, percentages):
+    """ROAD's removed pixels, bool [2, len(percentages), H, W]: most relevant first (the first
+    ⌊p·H·W/100⌋ ranked pixels) and least relevant first (all but the first ⌊(100-p)·H·W/100⌋)."""
+    place = positions(ranking).reshape(ranking.shape)
+    total = place.size
+    morf = [place < total * p // 100 for p in percentages]
+    lerf = [place >= total * (100 - p) // 100 for p in percentages]
+    return np.array([morf, lerf])
+
+
+def road(subject, maps, *, percentages=(10, 20, 30, 40, 50, 60, 70, 80, 90), noise=0.01, seed=0):
+    """ROAD (Rong et al. 2022): the removed pixels imputed from their neighbours
+    (imputation.linear_impute) plus Gaussian noise of std `noise` x the pixel range (their
+    NoisyLinearImputer's 0.01 on 0..1 images), most and least relevant first at `percentages`
+    (whole percents; their 10..90). Their LeRF indexes the same images by the share kept."""
+    percentages = _percentages(percentages)
+    sigma = (_fraction(noise, "noise") if noise != 0 else 0.0) * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
+    rng = np.random.default_rng([_whole(seed, "seed", 0), 5])
+    masks = np.concatenate([road_masks(m.ranking(), percentages).reshape(-1, *m.ranking().shape)
+                            for m in maps])
+    scores = np.empty(len(masks))
+    for begin, end in even_chunks(len(masks), subject.chunk):
+        images = np.stack([linear_impute(subject.pixels, removed) for removed in masks[begin:end]])
+        images += np.where(masks[begin:end, None], sigma * rng.standard_normal(images.shape), 0)
+        scores[begin:end] = subject.scores(images)
+        subject.progress(end / len(masks))
+    results = {}
+    for m, (morf, lerf) in zip(maps, scores.reshape(len(maps), 2, len(percentages))):
+        morf_area, lerf_area = spaced_area(morf, percentages), spaced_area(lerf, percentages)
+        results[m.name] = {"road_morf_auc": Result(morf_area, morf),
+                           "road_lerf_auc": Result(lerf_area, lerf),
+                           "road_gap": Result(lerf_area - morf_area)}
+    return results
+
+
+def spaced_area(curve, at):
+    """Trapezoid mean of a curve sampled at the increasing points `at`."""
+    curve, at = np.asarray(curve, np.float64), np.asarray(at, np.float64)
+    return float(((curve[1:] + curve[:-1]) / 2 * np.diff(at)).sum() / (at[-1] - at[0]))
+
+
 def infidelity_perturbations(shape, samples, noise, seed):
     """Infidelity's perturbations I, float64 [samples, *shape]: N(0, (noise · 255)^2)."""
     sigma = noise * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
@@ -236,6 +284,7 @@ METRICS = {
     "deletion": _metric("Deletion", deletion),
     "insertion": _metric("Insertion", insertion),
     "pixel-flipping": _metric("MoRF/LeRF pixel flipping", pixel_flipping),
+    "road": _metric("ROAD (noisy linear imputation)", road),
     "infidelity": _metric("Infidelity", infidelity, (RANDOM,)),
     "max-sensitivity": _metric("Max-sensitivity", max_sensitivity, ()),
 }
@@ -297,3 +346,13 @@ def _fraction(value, name):
         raise OnnxAttrError(f"{name} must be a number > 0 (a share of the pixel range), "
                             f"got {value!r}")
     return float(value)
+
+
+def _percentages(values):
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if len(values) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                              or not 0 < v < 100 for v in values) \
+            or any(b <= a for a, b in zip(values, values[1:])):
+        raise OnnxAttrError("percentages must be two or more increasing whole percents "
+                            f"between 0 and 100, got {values!r}")
+    return values
