@@ -130,27 +130,35 @@ def stock_python():
     pyproject's own dependencies (pinned by STOCK_PACKAGES as constraints). Skips when pip
     cannot install them."""
     interpreter = _stock_interpreter()
-    python = STOCK_VENV / "bin" / "python"
-    marker = STOCK_VENV / "installed.json"
     wanted = {"interpreter": interpreter, "packages": STOCK_PACKAGES,
               "pyproject": (REPO / "pyproject.toml").read_text()}
-    if not marker.exists() or json.loads(marker.read_text()) != wanted:
-        if STOCK_VENV.exists():
-            shutil.rmtree(STOCK_VENV)
-        subprocess.run([interpreter, "-m", "venv", str(STOCK_VENV)], check=True)
+
+    def install(python):
         constraints = STOCK_VENV / "constraints.txt"
         constraints.write_text("\n".join(STOCK_PACKAGES) + "\n")
         version = subprocess.run([str(python), "-c", "import sys; print(sys.version_info >= "
                                   "(3, 13))"], capture_output=True, text=True).stdout.strip()
         if version == "True":  # pyproject's markers pick stock onnxruntime on 3.13
-            done = _pip(python, "-c", str(constraints), "-e", str(REPO))
-        else:
-            done = _pip(python, *STOCK_PACKAGES)
-            done = done if done.returncode else _pip(python, "--no-deps", "-e", str(REPO))
-        if done.returncode:
-            pytest.skip(f"pip cannot install the stock environment: "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-        marker.write_text(json.dumps(wanted))
+            return _pip(python, "-c", str(constraints), "-e", str(REPO))
+        done = _pip(python, *STOCK_PACKAGES)
+        return done if done.returncode else _pip(python, "--no-deps", "-e", str(REPO))
+
+    return _kept_venv(STOCK_VENV, interpreter, wanted, install)
+
+
+def _kept_venv(venv, interpreter, wanted, install):
+    """The Python of virtual environment `venv`: kept while its marker says it holds `wanted`,
+    else made anew with `interpreter` and `install(python)` (a pip run); skips when pip fails."""
+    python, marker = venv / "bin" / "python", venv / "onnxattr-installed.json"
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return python
+    if venv.exists():
+        shutil.rmtree(venv)
+    subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
+    done = install(python)
+    if done.returncode:
+        pytest.skip(f"pip cannot install {venv.name}: {done.stderr.strip().splitlines()[-1:]}")
+    marker.write_text(json.dumps(wanted))
     return python
 
 
@@ -166,26 +174,16 @@ def framework_python():
     (minutes, then kept) when $ONNXATTR_MAKE_VENVS names it (scripts/test.sh: jax), else the one
     already there (as the page makes it by hand); skips with the way to make it when absent."""
     def get(name):
-        venv = REPO / f".venv-{name}"
-        python, marker = venv / "bin" / "python", venv / "onnxattr-packages.json"
-        wanted = FRAMEWORKS[name]
-        if marker.exists() and json.loads(marker.read_text()) == wanted:
+        venv, wanted = REPO / f".venv-{name}", FRAMEWORKS[name]
+        python = venv / "bin" / "python"
+        asked = name in os.environ.get("ONNXATTR_MAKE_VENVS", "").split(",")
+        if not asked and python.is_file():
             return python
-        if name not in os.environ.get("ONNXATTR_MAKE_VENVS", "").split(","):
-            if python.is_file():
-                return python
+        if not asked:
             pytest.skip(f"no {venv.name}: set ONNXATTR_MAKE_VENVS={name} to make it here, or "
                         f"python3 -m venv {venv.name} && {venv.name}/bin/pip install "
                         + " ".join(wanted))
-        if venv.exists():
-            shutil.rmtree(venv)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        done = _pip(python, *wanted)
-        if done.returncode:
-            pytest.skip(f"pip cannot install {venv.name}: "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-        marker.write_text(json.dumps(wanted))
-        return python
+        return _kept_venv(venv, sys.executable, wanted, lambda python: _pip(python, *wanted))
 
     return get
 

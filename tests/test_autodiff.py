@@ -23,15 +23,12 @@ from onnxattr.graph.training import build_training_gradient
 from onnxattr.io.model import describe_model
 
 import small_models
+from tolerance import rel_l2
 
 onnxruntime.set_default_logger_severity(3)
 
 RULES = ["vanilla", "guided", "zeiler-fergus"]
 TOLERANCE = 1e-5  # relative L2, native against the training builder (float32, onnxruntime)
-
-
-def rel_l2(got, want):
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def run(model, feeds, outputs):
