@@ -316,7 +316,12 @@ def test_compiled_models_match_training_build_on_stock_onnxruntime(network, requ
     pixels = trained.pixels(photos)
     ranked = np.argsort(-trained.engine.forward(pixels)[0], axis=1)
     targets = [int(ranked[0, 0]), int(ranked[1, 1])]
+    # Every rule and score on the tiny network; GoogLeNet (a full build per case, the suite's
+    # slowest test before) runs the two the last check needs: its MaxPool, LRN and Concat
+    # backward are the same in every rule.
     cases = [(m, "prob") for m in METHOD_RULES] + [("gradient", "logit")]
+    if network == "googlenet":
+        cases = cases[:2]
     jobs, wanted = [], []
     for method, score in cases:
         path = folder / f"{method}-{score}.onnx"
