@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..errors import OnnxAttrError
-from ..io.files import atomic_path
+from ..io.files import WriteError, atomic_path
 from ..methods.explainer import Explainer
 from .image_audit import audit_image
 
@@ -42,6 +42,7 @@ CPU_SHARE = 0.9
 # Testing only: when the file this variable names exists, an actor deletes it and kills its own
 # process before its next image (tests/test_ray.py checks that Ray redoes the batch).
 KILL_MARKER = "ONNXATTR_TEST_KILL_MARKER"
+WRITE_ERROR = "write_error"  # a returned entry that is a worker's WriteError
 
 
 def require_ray():
@@ -62,10 +63,20 @@ class AuditWorker:
         entries = []
         for path, key in zip(batch["path"], batch["key"]):
             _fault_for_tests()
-            entry = audit_image(self.explainer, Path(str(path)), str(key), out_dir=self.out_dir,
-                                advance=lambda n: None, **self.job)
+            try:
+                entry = audit_image(self.explainer, Path(str(path)), str(key),
+                                    out_dir=self.out_dir, advance=lambda n: None, **self.job)
+            except WriteError as err:  # a full disk: the driver stops the audit with this line
+                entry = {WRITE_ERROR: str(err)}
             entries.append(json.dumps(entry))
         return {"key": batch["key"], "entry": entries}
+
+
+class WorkerWriteError(WriteError):
+    """A worker's WriteError (its message), raised again on the driver, which stops the audit."""
+
+    def __init__(self, message):
+        OSError.__init__(self, message)
 
 
 def _fault_for_tests():
@@ -95,7 +106,11 @@ def audit_batches(explainer, todo, out_dir, job, address=None, workers=None):
                                    "threads": max(1, int(share)), "cwd": os.getcwd(),
                                    "out_dir": str(out_dir), "job": job})
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
-            yield {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
+            entries = {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
+            failed = [e[WRITE_ERROR] for e in entries.values() if WRITE_ERROR in e]
+            if failed:
+                raise WorkerWriteError(failed[0])
+            yield entries
     finally:
         if started:
             ray.shutdown()

@@ -15,8 +15,8 @@ folder_lock); it starts by removing the temporaries a killed run left there.
 
 `engine="ray"` runs the images on a Ray cluster instead (ray_audit.py): the workers write the
 same per-image files with the same code (image_audit.py); this driver keeps the lock, the resume
-and the summary, rewritten as results come in (at most every CHECKPOINT_S seconds: each rewrite
-costs time in the number of images) and at the end, with summary.parquet beside it.
+and the summary, rewritten as results come in (now and then: each rewrite costs time in the
+number of images) and at the end, with summary.parquet beside it.
 """
 
 import csv
@@ -39,7 +39,10 @@ from .image_audit import audit_image, image_key
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SUMMARY_VERSION = 1
 ENGINES = ("local", "ray")
-CHECKPOINT_S = 30  # the Ray engine's summary rewrites: at most this often, and at the end
+# The Ray engine rewrites the summary at most every CHECKPOINT_S seconds, and CHECKPOINT_COST
+# times as long as the last rewrite took (50,000 images: 16 s), so the driver spends at most a
+# tenth of its time on it; and at the end.
+CHECKPOINT_S, CHECKPOINT_COST = 30, 10
 DELTA_KEYS = ("convergence_delta", "relative_convergence_delta")
 TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns of text
 # A CSV text cell starting so is a formula to a spreadsheet: it gets a leading quote (OWASP, "CSV
@@ -146,20 +149,22 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
                "counts": {}, "images": []}
     busy = (f"another onnxattr audit is writing into {out_dir}: wait for it to end or choose "
             "another output folder")
+    kept = {"done": 0}  # the done images of the last summary written
     try:
         with folder_lock(out_dir, busy):
             remove_temporaries(out_dir)
-            _audit_files(explainer, files, out_dir, job, summary, resume, advance or (lambda n: None),
-                         engine, ray_address, workers)
+            _audit_files(explainer, files, out_dir, job, summary, kept, resume,
+                         advance or (lambda n: None), engine, ray_address, workers)
     except WriteError as err:
-        raise OnnxAttrError(f"{err}; {_kept(summary['counts'].get('done', 0))}") from err
+        raise OnnxAttrError(f"{err}; {_kept(kept['done'])}") from err
     return summary
 
 
-def _audit_files(explainer, files, out_dir, job, summary, resume, advance, engine, address,
+def _audit_files(explainer, files, out_dir, job, summary, kept, resume, advance, engine, address,
                  workers):
     """Reuse what resume allows, audit the rest on `engine`, and keep the summary written: after
-    each image locally, as batches come in from Ray (at most every CHECKPOINT_S s), at the end."""
+    each image locally, as batches come in from Ray (see CHECKPOINT_S), and at the end;
+    `kept["done"]`: the done images of the last one written."""
     methods, keys = job["methods"], [image_key(path) for path in files]
     previous = _previous_entries(out_dir) if resume else {}
     entries, todo = {}, []
@@ -170,16 +175,18 @@ def _audit_files(explainer, files, out_dir, job, summary, resume, advance, engin
             advance(len(methods))
         else:
             todo.append((path, key))
-    skipped, written = len(entries), 0.0
+    skipped, due = len(entries), 0.0
 
     def record(new, final=False):
-        nonlocal written
+        nonlocal due
         entries.update(new)
         summary["images"] = [entries[key] for key in keys if key in entries]
         summary["counts"] = _counts(summary["images"], skipped)
-        if final or engine == "local" or time.monotonic() - written >= CHECKPOINT_S:
+        if final or engine == "local" or time.monotonic() >= due:
+            start = time.monotonic()
             write_summary(out_dir, summary)
-            written = time.monotonic()
+            kept["done"] = summary["counts"]["done"]
+            due = time.monotonic() + max(CHECKPOINT_S, CHECKPOINT_COST * (time.monotonic() - start))
 
     if engine == "local":
         for path, key in todo:
