@@ -55,7 +55,8 @@ class AuditWorker:
     """One Ray actor of the audit: one Explainer, audit_image on each row of its batches."""
 
     def __init__(self, explainer_options, threads, cwd, out_dir, job):
-        os.chdir(cwd)
+        if os.path.isdir(cwd):  # else only absolute paths read (the others fail, one by one)
+            os.chdir(cwd)
         self.explainer = Explainer(**explainer_options, threads=threads)
         self.out_dir, self.job = Path(out_dir), job
 
