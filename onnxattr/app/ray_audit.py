@@ -20,6 +20,7 @@ without it, require_ray says how to install it.
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ..errors import OnnxAttrError
@@ -96,25 +97,32 @@ def audit_batches(explainer, todo, out_dir, job, address=None, workers=None):
     if started:
         ray.init(address=address)
     try:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        workers = workers or max(1, int(cpus // 2))
-        share = cpus / workers
-        rows = [{"path": str(path), "key": key} for path, key in todo]
-        done = ray.data.from_items(rows).map_batches(
-            AuditWorker, batch_size=BATCH_SIZE, compute=ray.data.ActorPoolStrategy(size=workers),
-            batch_format="numpy", num_cpus=share * CPU_SHARE,
-            fn_constructor_kwargs={"explainer_options": explainer.options,
-                                   "threads": max(1, int(share)), "cwd": os.getcwd(),
-                                   "out_dir": str(out_dir), "job": job})
-        for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
-            entries = {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
-            failed = [e[WRITE_ERROR] for e in entries.values() if WRITE_ERROR in e]
-            if failed:
-                raise WorkerWriteError(failed[0])
-            yield entries
+        with warnings.catch_warnings():
+            # Ray Data reading its own deprecated settings: nothing a user could change
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+            yield from _run(explainer, todo, out_dir, job, workers)
     finally:
         if started:
             ray.shutdown()
+
+
+def _run(explainer, todo, out_dir, job, workers):
+    cpus = ray.cluster_resources().get("CPU", 1)
+    workers = workers or max(1, int(cpus // 2))
+    share = cpus / workers
+    rows = [{"path": str(path), "key": key} for path, key in todo]
+    done = ray.data.from_items(rows).map_batches(
+        AuditWorker, batch_size=BATCH_SIZE, compute=ray.data.ActorPoolStrategy(size=workers),
+        batch_format="numpy", num_cpus=share * CPU_SHARE,
+        fn_constructor_kwargs={"explainer_options": explainer.options,
+                               "threads": max(1, int(share)), "cwd": os.getcwd(),
+                               "out_dir": str(out_dir), "job": job})
+    for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+        entries = {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
+        failed = [e[WRITE_ERROR] for e in entries.values() if WRITE_ERROR in e]
+        if failed:
+            raise WorkerWriteError(failed[0])
+        yield entries
 
 
 def parquet_rows(summary):
