@@ -18,7 +18,7 @@ from test_cli import assert_one_line_error, run_cli
 
 from onnxattr import Explainer, run_audit
 from onnxattr.app import ray_audit, report
-from onnxattr.app.report import collect_inputs
+from onnxattr.app.report import collect_inputs, image_key
 from onnxattr.ray import Attribute
 
 import small_models
@@ -128,6 +128,21 @@ def test_ray_resume_redoes_only_what_is_missing(work, cluster):
     assert summary["counts"] == {"images": IMAGES, "done": IMAGES, "failed": 0,
                                  "skipped": IMAGES - 1}
     assert_same_audit(tmp, local, out_dir)
+
+
+def test_a_worker_that_cannot_write_stops_the_audit_with_one_line(work, cluster):
+    """A worker's WriteError (here: a file where the image's folder goes) ends the Ray audit as
+    it ends the local one: OnnxAttrError naming the file, what was written kept."""
+    tmp, explainer, _ = work
+    photo = tmp / "photos" / "p00.png"
+    out_dir = tmp / "ray-blocked"
+    out_dir.mkdir()
+    (out_dir / image_key(photo)).write_text("in the way")
+    with deadline(), pytest.raises(report.OnnxAttrError) as info:
+        run_audit(explainer, [photo], METHODS, out_dir, engine="ray", workers=1)
+    assert str(info.value).startswith(f"cannot write {out_dir / image_key(photo)}/")
+    assert str(info.value).endswith("; no image was written")
+    assert (out_dir / image_key(photo)).read_text() == "in the way"
 
 
 def test_attribute_stage_in_a_ray_data_pipeline(work, cluster):
