@@ -1,5 +1,6 @@
 """The `onnxattr` command: a thin click layer over the public API."""
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -233,23 +234,33 @@ def _echo_completeness(image, result, settings):
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--resume", is_flag=True,
               help="Skip images an earlier run into --out already did with the same settings.")
+@click.option("--engine", type=click.Choice(report.ENGINES), default="local", show_default=True,
+              help="Where the images run: this process, or Ray actors (pip install "
+                   "'onnxattr[ray]'; docs/scale.md).")
+@click.option("--ray-address", metavar="ADDR",
+              help="The Ray cluster to join (auto, ray://head:10001) [default: a local one].")
+@click.option("--workers", type=click.IntRange(1),
+              help="Ray actors, each with one model [default: one per 2 CPUs of the cluster].")
 @metric_flags("--metrics")
 @render_flags
 @method_flags
-def audit(paths, explainer, methods, target, score, out_dir, resume, options,
-          method_options, metrics, metric_options):
-    """Every method on every image (files and folders, recursively): figures, raw .npy,
-    summary.json/.csv and index.html in --out. Exit code 1 if some image failed."""
+def audit(paths, explainer, methods, target, score, out_dir, resume, engine, ray_address,
+          workers, options, method_options, metrics, metric_options):
+    """Every method on every image (files, folders recursively, globs, a .csv or .parquet
+    list with a `path` column): figures, raw .npy, summary.json/.csv and index.html in --out.
+    Exit code 1 if some image failed."""
     methods = report.parse_methods(methods)
     method_options = options_per_method(methods, method_options)
     if target is not None:
         explainer.target_index(target)  # a bad class fails once, before any work
     check_output_folder(out_dir)
     files = report.collect_inputs(paths, exclude=out_dir)
-    with ProgressBar(len(files) * len(methods), "auditing") as bar:
+    # Ray Data draws its own progress bars
+    bar = ProgressBar(len(files) * len(methods), "auditing") if engine == "local" else None
+    with bar or contextlib.nullcontext():
         summary = report.run_audit(explainer, paths, methods, out_dir, options, target, score,
-                                   resume, bar.update, method_options, metrics,
-                                   metric_options)
+                                   resume, bar and bar.update, method_options, metrics,
+                                   metric_options, engine, ray_address, workers)
     _echo_builders(explainer, set())
     for entry in summary["images"]:
         if entry["status"] == "failed":

@@ -12,14 +12,17 @@ keeps what was done. A file that cannot be read or explained is recorded as fail
 error and the batch goes on; a file that cannot be written (a full disk) stops the audit with one
 error, keeping what was written. One audit at a time writes into an output folder (files.py's
 folder_lock); it starts by removing the temporaries a killed run left there.
+
+`engine="ray"` runs the images on a Ray cluster instead (ray_audit.py): the workers write the
+same per-image files with the same code (image_audit.py); this driver keeps the lock, the resume
+and the summary, rewritten as results come in (now and then: each rewrite costs time in the
+number of images) and at the end, with summary.parquet beside it.
 """
 
 import csv
-import hashlib
+import glob
 import html
 import json
-import math
-import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -27,14 +30,19 @@ from urllib.parse import quote
 from .._version import __version__
 from ..errors import OnnxAttrError
 from ..io.files import WriteError, atomic_path, folder_lock, remove_temporaries
-from ..io.image import load_image
-from ..methods.figures import RenderOptions, write_figures
+from ..io.path_list import is_path_list, read_path_list
+from ..methods.figures import RenderOptions
 from ..methods.table import METHODS, get_method
-from . import faithfulness
+from . import faithfulness, ray_audit
+from .image_audit import audit_image, image_key
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SUMMARY_VERSION = 1
-TOP = 5
+ENGINES = ("local", "ray")
+# The Ray engine rewrites the summary at most every CHECKPOINT_S seconds, and CHECKPOINT_COST
+# times as long as the last rewrite took (50,000 images: 16 s), so the driver spends at most a
+# tenth of its time on it; and at the end.
+CHECKPOINT_S, CHECKPOINT_COST = 30, 10
 DELTA_KEYS = ("convergence_delta", "relative_convergence_delta")
 TEXT_COLUMNS = ("layer", "error")  # per-method CSV columns of text
 # A CSV text cell starting so is a formula to a spreadsheet: it gets a leading quote (OWASP, "CSV
@@ -59,9 +67,11 @@ def parse_methods(text):
 
 def collect_inputs(paths, exclude=None):
     """The files to audit, in order, each once: folders are searched recursively for image files
-    (by extension, hidden files skipped); files named explicitly are taken whatever their
-    extension (so a wrong file is tried and recorded as failed); missing paths are kept (they
-    fail). Files under `exclude` (the output folder) are left out."""
+    (by extension, hidden files skipped); a quoted glob ("photos/*.jpg") is expanded; a .csv or
+    .parquet file is a list of images (its `path` column, io/path_list.py); other files named
+    explicitly are taken whatever their extension (so a wrong file is tried and recorded as
+    failed); missing paths are kept (they fail). Files under `exclude` (the output folder) are
+    left out."""
     exclude = Path(exclude).resolve() if exclude is not None else None
     found, seen = [], set()
 
@@ -72,7 +82,7 @@ def collect_inputs(paths, exclude=None):
         seen.add(resolved)
         found.append(path)
 
-    for path in map(Path, paths):
+    for path in _expanded(map(Path, paths)):
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 relative = child.relative_to(path).parts
@@ -84,18 +94,23 @@ def collect_inputs(paths, exclude=None):
     return found
 
 
-def image_key(path):
-    """Folder name for one input: its stem (made file-name safe) and 8 hex digits of its path."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._")[:60] or "image"
-    digest = hashlib.sha1(str(Path(path).resolve()).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{stem}-{digest[:8]}"
+def _expanded(paths):
+    """Each path, a glob that names no file as its matches, a list file as its paths."""
+    for path in paths:
+        if not path.exists() and glob.has_magic(str(path)):
+            yield from map(Path, sorted(glob.glob(str(path), recursive=True)))
+        elif is_path_list(path) and path.is_file():
+            yield from read_path_list(path)
+        else:
+            yield path
 
 
 # --- the audit --------------------------------------------------------------------------------
 
 
 def run_audit(explainer, paths, methods, out_dir, options=None, target=None, score="prob",
-              resume=False, advance=None, method_options=None, metrics=None, metric_options=None):
+              resume=False, advance=None, method_options=None, metrics=None, metric_options=None,
+              engine="local", ray_address=None, workers=None):
     """Run `methods` on every image found in `paths` and write the figures and the summary.
 
     `options`: a `RenderOptions` (default: the example's map). `target`: class index or label to
@@ -104,8 +119,9 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     as methods finish (for a progress bar). `method_options`: {method: keyword options of
     Explainer.explain} (e.g. integrated gradients' steps). `metrics`: faithfulness metrics
     measured on every map (onnxattr.methods.metrics; `metric_options` as Explainer.evaluate's),
-    recorded per method with the controls, plotted and ranked (app/faithfulness.py). Returns
-    the summary dict, also written to
+    recorded per method with the controls, plotted and ranked (app/faithfulness.py). `engine`:
+    "local" (this process) or "ray" (`workers` Ray actors on the cluster at `ray_address`, or a
+    local one; app/ray_audit.py). Returns the summary dict, also written to
     `out_dir/summary.json`; `summary["counts"]` has how many images are done, failed, skipped.
     OnnxAttrError if another audit is writing into `out_dir` or a file cannot be written.
     """
@@ -113,6 +129,10 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise OnnxAttrError("no methods given")
+    if engine not in ENGINES:
+        raise OnnxAttrError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
+    if engine == "ray":
+        ray_audit.require_ray()
     options = (options or RenderOptions()).check()
     target_index = None if target is None else explainer.target_index(target)
     files = collect_inputs(paths, exclude=out_dir)
@@ -122,34 +142,62 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
                 "target": target_index, "render": options.as_dict(), "onnxattr": __version__,
                 "method_options": method_options or {}, "metrics": list(metrics or []),
                 "metric_options": metric_options or {}}
-    advance = advance or (lambda n: None)
+    job = {"methods": methods, "options": options, "target_index": target_index, "score": score,
+           "settings": settings, "method_options": method_options or {}, "metrics": metrics,
+           "metric_options": metric_options}
     summary = {"version": SUMMARY_VERSION, "methods": methods, "settings": settings,
                "counts": {}, "images": []}
-    skipped = kept = 0
     busy = (f"another onnxattr audit is writing into {out_dir}: wait for it to end or choose "
             "another output folder")
+    kept = {"done": 0}  # the done images of the last summary written
     try:
         with folder_lock(out_dir, busy):
             remove_temporaries(out_dir)
-            previous = _previous_entries(out_dir) if resume else {}
-            for path in files:
-                key = image_key(path)
-                old = previous.get(key)
-                if old is not None and _reusable(old, settings, methods, out_dir):
-                    entry = dict(old, file=str(path))
-                    skipped += 1
-                    advance(len(methods))
-                else:
-                    entry = audit_image(explainer, path, key, methods, out_dir, options,
-                                        target_index, score, settings, advance,
-                                        method_options or {}, metrics, metric_options)
-                summary["images"].append(entry)
-                summary["counts"] = _counts(summary["images"], skipped)
-                write_summary(out_dir, summary)
-                kept = summary["counts"]["done"]
+            _audit_files(explainer, files, out_dir, job, summary, kept, resume,
+                         advance or (lambda n: None), engine, ray_address, workers)
     except WriteError as err:
-        raise OnnxAttrError(f"{err}; {_kept(kept)}") from err
+        raise OnnxAttrError(f"{err}; {_kept(kept['done'])}") from err
     return summary
+
+
+def _audit_files(explainer, files, out_dir, job, summary, kept, resume, advance, engine, address,
+                 workers):
+    """Reuse what resume allows, audit the rest on `engine`, and keep the summary written: after
+    each image locally, as batches come in from Ray (see CHECKPOINT_S), and at the end;
+    `kept["done"]`: the done images of the last one written."""
+    methods, keys = job["methods"], [image_key(path) for path in files]
+    previous = _previous_entries(out_dir) if resume else {}
+    entries, todo = {}, []
+    for path, key in zip(files, keys):
+        old = previous.get(key)
+        if old is not None and _reusable(old, job["settings"], methods, out_dir):
+            entries[key] = dict(old, file=str(path))
+            advance(len(methods))
+        else:
+            todo.append((path, key))
+    skipped, due = len(entries), 0.0
+
+    def record(new, final=False):
+        nonlocal due
+        entries.update(new)
+        summary["images"] = [entries[key] for key in keys if key in entries]
+        summary["counts"] = _counts(summary["images"], skipped)
+        if final or engine == "local" or time.monotonic() >= due:
+            start = time.monotonic()
+            write_summary(out_dir, summary)
+            kept["done"] = summary["counts"]["done"]
+            due = time.monotonic() + max(CHECKPOINT_S, CHECKPOINT_COST * (time.monotonic() - start))
+
+    if engine == "local":
+        for path, key in todo:
+            record({key: audit_image(explainer, path, key, out_dir=out_dir, advance=advance, **job)})
+    elif todo:
+        for batch in ray_audit.audit_batches(explainer, todo, out_dir, job, address, workers):
+            advance(len(methods) * len(batch))
+            record(batch)
+    record({}, final=True)
+    if engine == "ray":
+        ray_audit.write_parquet(out_dir, summary)
 
 
 def _kept(done):
@@ -158,93 +206,6 @@ def _kept(done):
         return "no image was written"
     return "the 1 image already written is kept" if done == 1 else \
         f"the {done} images already written are kept"
-
-
-def audit_image(explainer, path, key, methods, out_dir, options, target_index, score, settings,
-                advance, method_options=None, metrics=None, metric_options=None):
-    """One image: classify, every method, figures; a summary entry (never raises on bad input)."""
-    entry = {"file": str(path), "key": key, "status": "failed", "error": None, "predicted": None,
-             "top5": [], "target": None, "methods": {}, "outputs": {}, "settings": settings}
-    errors, results = [], []
-    try:
-        image = load_image(path)
-        ranked = explainer.classify(image, top=TOP)
-    except Exception as err:  # noqa: BLE001 - a bad file must not stop the batch
-        entry["error"] = _message(err)
-        advance(len(methods))
-        return entry
-    entry["top5"] = [{"index": i, "label": label, "prob": p} for i, label, p in ranked]
-    entry["predicted"] = entry["top5"][0]
-    chosen = ranked[0][0] if target_index is None else target_index
-    for method in methods:
-        record = entry["methods"][method] = {"status": "failed", "time_s": None, "error": None}
-        start = time.perf_counter()
-        try:
-            result = explainer.explain(image, method=method, target=chosen, score=score,
-                                       **(method_options or {}).get(method, {}))
-        except Exception as err:  # noqa: BLE001
-            record["error"] = _message(err)
-            errors.append(f"{method}: {record['error']}")
-        else:
-            record.update(status="done", time_s=round(time.perf_counter() - start, 4),
-                          **_recorded(result.extras))
-            results.append(result)
-        advance(1)
-    if results:
-        first = results[0]
-        entry["target"] = {"index": first.class_index, "label": first.label, "score": first.score}
-        try:
-            written = write_figures(results, f"{out_dir / key}/", options, save_raw=True,
-                                    panel=True)
-        except WriteError:  # a full disk: every image would fail, so the audit stops
-            raise
-        except Exception as err:  # noqa: BLE001 - this image fails, the batch goes on
-            errors.append(f"figures: {_message(err)}")
-        else:
-            rel = {name: path.relative_to(out_dir).as_posix() for name, path in written.items()}
-            entry["outputs"] = {"photo": rel["photo"], "panel": rel["panel"]}
-            for result in results:
-                entry["methods"][result.method].update(png=rel[result.method],
-                                                       npy=rel[f"{result.method}.npy"])
-        if metrics:
-            try:
-                faithfulness.record_metrics(explainer, image, results, entry, metrics,
-                                            metric_options)
-                curves = faithfulness.save_curves(entry, out_dir / key / "curves.png")
-            except WriteError:
-                raise
-            except Exception as err:  # noqa: BLE001 - this image fails, the batch goes on
-                errors.append(f"metrics: {_message(err)}")
-            else:
-                entry["outputs"].update({"curves": f"{key}/curves.png"} if curves else {})
-    entry["error"] = "; ".join(errors) or None
-    entry["status"] = "failed" if errors else "done"
-    return entry
-
-
-def _message(err):
-    """One line for an error: ours as is, anything else with its type."""
-    text = str(err) if isinstance(err, OnnxAttrError) else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
-
-
-def _recorded(extras):
-    """The method's scalar extras (e.g. IG's convergence deltas) as JSON numbers, and its
-    names (a layer method's layer); arrays (a Grad-CAM map) stay out."""
-    numbers = {}
-    for name, value in (extras or {}).items():
-        if value is None:  # a number that is not defined here (e.g. a relative delta of 0 / 0)
-            numbers[name] = None
-            continue
-        if isinstance(value, str):
-            numbers[name] = value
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        numbers[name] = number if math.isfinite(number) else None
-    return numbers
 
 
 def _counts(entries, skipped):

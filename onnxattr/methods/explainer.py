@@ -115,6 +115,12 @@ class Explainer:
         check_counts(threads=threads, workers=workers)
         check_fit(fit)
         self.model_path = str(model)
+        self.options = {"model": model, "device": device, "cache_dir": cache_dir, "fit": fit,
+                        "builder": builder, "precision": precision, "pixel_range": pixel_range,
+                        "mean": mean, "std": std, "layout": layout,
+                        "channel_order": channel_order, "output": output, "labels": labels}
+        """The constructor's arguments but threads and workers: another process (a Ray worker)
+        makes the same Explainer with `Explainer(**options, threads=..., workers=...)`."""
         self.classifier = load_model(model, layout, output).with_contract(
             pixel_range, mean, std, channel_order).with_labels(labels)
         if self.classifier.compiled:
