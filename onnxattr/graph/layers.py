@@ -16,8 +16,11 @@ NHWC, and any other op (Reshape, Flatten) loses it. So the Transpose(0, 2, 3, 1)
 and jax2onnx put before Flatten, and the channels-last blocks of ConvNeXt, are never read as
 channels: a tensor known channels-last is no layer, one of unknown layout is one only if its
 grid is the image's (h <= H, w <= W, the two downsampling factors within a factor 2: an
-attention tensor [N, heads, tokens, dim] is not). A model without any (a ViT's token sequences)
-gets one line asking for --layer.
+attention tensor [N, heads, tokens, dim] is not). A Pad's output is no layer either: it is its
+input plus a border (Keras' ZeroPadding2D before a strided convolution), so where a small input
+leaves 1x1 maps at the end (MobileNetV2 at 32x32) the default is the map the last Pad reads,
+not the padded one. A model without any (a ViT's token sequences) gets one line asking for
+--layer.
 """
 
 from ..errors import OnnxAttrError
@@ -78,7 +81,7 @@ def spatial_layers(forward):
     image = shapes.get(forward.graph.input[0].name) or [None] * 4
     found = []
     for node in ancestors_nearest_first(forward.graph, LOGITS):
-        for name in node.output:
+        for name in node.output if node.op_type != "Pad" else ():
             shape = shapes.get(name)
             if (name and shape is not None and len(shape) == 4
                     and all(isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] > 1
