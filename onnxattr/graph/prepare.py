@@ -26,6 +26,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
+from .backward_forms import explicit_pads
 from .opset import fit_opset
 from .precision import to_float32
 from .relu_rules import replaces
@@ -174,15 +175,17 @@ def _fix_batchnorm(editor, node):
 def _fix_average_pool(editor, node):
     """AveragePool as a depthwise Conv with weights 1/kernel size (the builder's AveragePoolGrad
     returns an empty batch in onnxruntime-training 1.19.2). Without count_include_pad, border
-    outputs are divided by the share of the window that lies inside the image."""
-    if attribute(node, "ceil_mode", 0) or attribute(node, "auto_pad", "NOTSET") != "NOTSET":
-        raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode or auto_pad is not "
-                            "supported by the onnxruntime-training builder (try --builder native)")
+    outputs are divided by the share of the window that lies inside the image. An auto_pad
+    (jax2onnx's SAME) becomes the pads it means at the input's static size."""
+    if attribute(node, "ceil_mode", 0):
+        raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode is not supported by "
+                            "the onnxruntime-training builder (try --builder native)")
     x, y, n = node.input[0], node.output[0], node.name
     shape = editor.shape(x, node)
     kernel = list(attribute(node, "kernel_shape"))
     strides = list(attribute(node, "strides", [1] * len(kernel)))
-    pads = list(attribute(node, "pads", [0] * 2 * len(kernel)))
+    pads = explicit_pads(attribute(node, "auto_pad", "NOTSET"), attribute(node, "pads"),
+                         shape[2:], kernel, strides, [1] * len(kernel))
     weight = np.full((shape[1], 1, *kernel), 1.0 / np.prod(kernel), np.float32)
     attrs = dict(group=shape[1], kernel_shape=kernel, strides=strides, pads=pads)
     if attribute(node, "count_include_pad", 0) or not any(pads):
