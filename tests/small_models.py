@@ -129,6 +129,29 @@ def concat_batchnorm(seed=0, softmax=True):
     return classifier(nodes, inits, "f", softmax=softmax, seed=seed)
 
 
+def auto_padded(seed=0, explicit=False):
+    """Conv (stride 2, auto_pad SAME_UPPER) -> Relu -> MaxPool (2x2, SAME_LOWER) -> AveragePool
+    (3x3, stride 2, SAME_UPPER) -> Flatten -> Gemm -> Softmax, as jax2onnx writes windows; or,
+    `explicit`, the same with the pads auto_pad means at 8x8 written out."""
+    rng = np.random.default_rng(seed)
+    windows = {"conv": ("SAME_UPPER", [0, 0, 1, 1]), "maxpool": ("SAME_LOWER", [1, 1, 0, 0]),
+               "avgpool": ("SAME_UPPER", [0, 0, 1, 1])}
+    pad = {name: {"pads": pads} if explicit else {"auto_pad": auto}
+           for name, (auto, pads) in windows.items()}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv", kernel_shape=[3, 3],
+                         strides=[2, 2], **pad["conv"]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("MaxPool", ["r1"], ["m"], name="maxpool", kernel_shape=[2, 2],
+                         **pad["maxpool"]),
+        helper.make_node("AveragePool", ["m"], ["a"], name="avgpool", kernel_shape=[3, 3],
+                         strides=[2, 2], **pad["avgpool"]),
+        helper.make_node("Flatten", ["a"], ["f"], name="flatten"),
+    ]
+    return classifier(nodes, {"w1": _weights(rng, 4, 3, 3, 3), "b1": _weights(rng, 4),
+                              "__features__": 4 * 2 * 2}, "f", seed=seed)
+
+
 def as_float64(model):
     """A float64 copy of a float32 model, for a reference evaluation in double precision."""
     copy = onnx.ModelProto()

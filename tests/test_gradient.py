@@ -81,6 +81,23 @@ def test_prepared_forward_graph_keeps_the_outputs(name, small_explainer):
     np.testing.assert_allclose(fixed[0], prob, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_pad_is_its_explicit_pads(tmp_path, builder):
+    """Windows with auto_pad SAME (jax2onnx's) have the forward and gradient of the explicit
+    pads they mean, on both builders (the onnxruntime builder's AveragePool needs pads)."""
+    pixels = np.random.default_rng(5).uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    results = []
+    for explicit in (False, True):
+        model = small_models.auto_padded(explicit=explicit)
+        path = small_models.save(model, tmp_path / f"explicit_{explicit}.onnx")
+        engine = Explainer(path, cache_dir=tmp_path / "cache", builder=builder).engine
+        results.append(engine.gradient(pixels, [1, 4]))
+        original = onnxruntime.InferenceSession(model.SerializeToString()).run(
+            ["prob"], {"image": pixels})[0]
+        np.testing.assert_allclose(results[-1][1], original, rtol=1e-5, atol=1e-6)
+    for auto, explicit in zip(*results):  # gradient, prob, logits
+        np.testing.assert_array_equal(auto, explicit)
+
+
 def test_gradient_graph_is_cached_on_disk(tmp_path, monkeypatch, builder):
     path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
     pixels = np.ones((1, 3, 8, 8), np.float32)

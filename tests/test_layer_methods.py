@@ -34,10 +34,11 @@ def correlation(a, b):
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def torch_grad_cam(forward, module, pixels, target, pre_hook=False):
+def torch_grad_cam(forward, module, pixels, target, pre_hook=False, reshape=None):
     """Grad-CAM in float64 torch: the activation at `module`'s output (or, with `pre_hook`, its
-    input), alpha = the gradient's spatial mean, ReLU(sum alpha A), upsampled bilinearly with
-    half-pixel centres. Returns (map [h, w], upsampled [H, W])."""
+    input), both it and its gradient made [N, K, h, w] by `reshape` (pytorch-grad-cam's
+    reshape_transform) if given, alpha = the gradient's spatial mean, ReLU(sum alpha A),
+    upsampled bilinearly with half-pixel centres. Returns (map [h, w], upsampled [H, W])."""
     import torch
 
     captured = {}
@@ -55,8 +56,10 @@ def torch_grad_cam(forward, module, pixels, target, pre_hook=False):
         forward(x)[0, target].backward()
     finally:
         handle.remove()
-    activation = captured["activation"]
-    alpha = activation.grad.mean(dim=(2, 3), keepdim=True)
+    activation, gradient = captured["activation"], captured["activation"].grad
+    if reshape is not None:
+        activation, gradient = reshape(activation), reshape(gradient)
+    alpha = gradient.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((alpha * activation).sum(dim=1, keepdim=True))
     up = torch.nn.functional.interpolate(cam, size=pixels.shape[2:], mode="bilinear",
                                          align_corners=False)
@@ -160,6 +163,50 @@ def test_grad_cam_matches_torch_on_resnet18(resnet18, builder, score, cache_dir)
     consumer = next(n for n in onnx.load(path).graph.node if result.layer in n.input)
     assert (producer.op_type, consumer.op_type) == ("Relu", "GlobalAveragePool")
     assert_grad_cam_matches(result, cam, up, f"ResNet-18, {builder}, {score}")
+
+
+# --- a ViT-like model: token sequences --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    """(path, the float64 torch module, the ONNX name of its norm1 output [N, 1 + 4*3, 8])."""
+    from tiny_vit import export_tiny_vit
+
+    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
+    net, norm1 = export_tiny_vit(path)
+    proto = onnx.load(path)
+    helper.set_model_props(proto, {"onnxattr.input": json.dumps({"range": [0, 255]})})
+    onnx.save(proto, path)
+    return path, net.double(), norm1
+
+
+def vit_reshape_transform(tensor):
+    """pytorch-grad-cam's reshape_transform for ViTs (its tutorial's, at our grid): drop the
+    class token, tokens row by row to [N, C, h, w]."""
+    from tiny_vit import PATCH, SIZE
+
+    grid = tensor[:, 1:].reshape(tensor.size(0), SIZE[0] // PATCH, SIZE[1] // PATCH,
+                                 tensor.size(2))
+    return grid.permute(0, 3, 1, 2)
+
+
+def test_grad_cam_reads_a_token_sequence_as_its_grid(tiny_vit, builder, tmp_path):
+    """A named token sequence [N, 1 + h*w, C] is read as its h x w grid (class token dropped),
+    as pytorch-grad-cam's reshape_transform: the map matches float64 torch on a non-square
+    grid; a sequence of another length is refused."""
+    path, net, norm1 = tiny_vit
+    explainer = Explainer(path, builder=builder, cache_dir=tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (16, 12, 3), np.uint8)
+    result = explainer.explain(image, method="grad-cam", layer=norm1)
+    assert result.cam.shape == (4, 3)
+    pixels = image.transpose(2, 0, 1)[None].astype(np.float64)
+    cam, up = torch_grad_cam(net, net.norm1, pixels, result.class_index,
+                             reshape=vit_reshape_transform)
+    assert_grad_cam_matches(result, cam, up, f"tiny ViT, {builder}")
+    with pytest.raises(OnnxAttrError, match=r"has shape \[\w+, 8, 12\], not .* tokens \["):
+        explainer.engine.resolve_layer("/Reshape_output_0")  # the patch embedding flattened:
+        # [N, 8 channels, 12 cells], no token sequence
 
 
 # --- occlusion ---------------------------------------------------------------------------------

@@ -89,6 +89,39 @@ def test_channels_last_grad_cam_reads_the_conv_output(channels_last, tmp_path):
         engine.resolve_layer("nhwc")
 
 
+def padded_before_a_strided_conv():
+    """The end of a small Keras MobileNetV2 (32x32 input): image [N, 3, 8, 8] -> Conv (stride 2)
+    -> Relu -> Conv (stride 2) -> Relu `r2` [N, 4, 2, 2] -> Pad (ZeroPadding2D, bottom and right)
+    [N, 4, 3, 3] -> Conv (stride 2, no padding) -> Relu [N, 6, 1, 1] -> GlobalAveragePool ->
+    Flatten -> Gemm -> Softmax."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Pad", ["r2", "pads"], ["padded"], name="block_13_pad"),
+        helper.make_node("Conv", ["padded", "w3"], ["c3"], name="conv3", strides=[2, 2]),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+    ]
+    weights = {"w1": (4, 3, 3, 3), "w2": (4, 4, 3, 3), "w3": (6, 4, 3, 3)}
+    return small_models.classifier(nodes, {
+        **{k: rng.standard_normal(s).astype(np.float32) for k, s in weights.items()},
+        "pads": np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "__features__": 6}, "f")
+
+
+def test_a_pad_before_a_strided_conv_is_not_the_last_feature_map(tmp_path):
+    """The last maps are 1x1 (no map for Grad-CAM), and the padded [N, 4, 3, 3] is its input
+    plus a border, not the image's grid: the default is the map the Pad reads."""
+    engine = Explainer(small_models.save(padded_before_a_strided_conv(), tmp_path / "m.onnx"),
+                       cache_dir=tmp_path / "c").engine
+    assert engine.resolve_layer() == "r2"
+
+
 def token_model():
     """A model of token sequences: image [N, 3, 8, 8] -> 64 tokens of 3 -> MatMul to 8 features
     -> Reshape to "heads" [N, 2, 32, 8] -> Relu -> Flatten -> Gemm -> Softmax."""

@@ -411,3 +411,44 @@ def test_class_output_follows_the_image_batch(tmp_path):
         path = tmp_path / f"b{batch}.onnx"
         onnx.save(model, path)
         assert load_model(path).num_classes == 5
+
+
+# --- tensor names onnxattr's own graphs use --------------------------------------------------------
+
+
+def renamed(model, old, new):
+    """`model` with its tensor `old` called `new` (a graph output too, if it is one)."""
+    for node in model.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+    for output in model.graph.output:
+        output.name = new if output.name == old else output.name
+    return model
+
+
+@pytest.fixture(scope="module")
+def names_cache(tmp_path_factory):
+    """One graph cache for the cases below: the unrenamed models' graphs are built once."""
+    return tmp_path_factory.mktemp("names_cache")
+
+
+@pytest.mark.parametrize("softmax, old, new", [
+    (False, "logits", "prob"),  # logits only, under the name of the Softmax onnxattr appends
+    (True, "prob", "onehot"),  # the score head's input
+    (True, "logits", "image_grad"),  # the image gradient
+    (True, "d", "p_grad"),  # the gradient of p (Grad-CAM's default layer; the training builder's name)
+])
+def test_tensor_names_onnxattr_uses_are_free_in_the_model(tmp_path, names_cache, builder, softmax,
+                                                          old, new):
+    """A model may name its tensors as onnxattr names the outputs it adds: same results."""
+    images = [p.transpose(1, 2, 0).round().astype(np.uint8) for p in PIXELS[:2]]
+    results = []
+    for model in (small_models.concat_batchnorm(softmax=softmax),
+                  renamed(small_models.concat_batchnorm(softmax=softmax), old, new)):
+        path = small_models.save(labelled(model, {"range": [0, 255]}), tmp_path / f"{new}.onnx")
+        explainer = Explainer(path, cache_dir=names_cache, builder=builder)
+        results.append([explainer.explain(images, method, target=[1, 3])
+                        for method in ("gradient", "grad-cam")])
+    for original, same in zip(*results):
+        for a, b in zip(original, same):
+            np.testing.assert_array_equal(a.attribution, b.attribution)

@@ -162,7 +162,8 @@ METHOD_FLAGS = {
     "noise": dict(type=float, help="--smooth: noise standard deviation as a fraction of the "
                                    f"image's pixel range [default: {DEFAULT_NOISE}]."),
     "seed": dict(type=int, help="Seed of --smooth's noise and of the uniform baseline."),
-    "layer": dict(help="grad-cam, guided-grad-cam: the layer (a tensor [N, K, h, w]) "
+    "layer": dict(help="grad-cam, guided-grad-cam: the layer (a tensor [N, K, h, w], or a "
+                       "ViT's tokens [N, 1 + h*w, C], read as their h x w grid) "
                        "[default: the last spatial feature map before the classifier]."),
     "mask_size": dict(type=int, help="occlusion: side of the square mask in pixels "
                                      "[default: 20% of the image's shorter side]."),

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import OnnxAttrError
 from .builders import BUILDERS, FORWARD_FIXES, GraphCache, candidates, check_builder, note_fallback
-from .layers import check_activation, check_layer, default_layer
+from .layers import as_feature_maps, check_layer, default_layer
 from .lowering import lower_graph
 from .prepare import (
     LOGITS,
@@ -176,9 +176,9 @@ class AttributionEngine(EngineSessions):
         every row n (plain gradient: layer methods take no ReLU rule); returns
         (A, dS/dA, prob, logits)."""
         layer = self.resolve_layer(layer)
-        activation, *rest = self._run_gradient(pixels, targets, VANILLA, score, layer,
-                                               batch_size)
-        return (check_activation(layer, activation), *rest)
+        activation, gradient, *rest = self._run_gradient(pixels, targets, VANILLA, score, layer,
+                                                         batch_size)
+        return (*as_feature_maps(layer, pixels.shape[2:], activation, gradient), *rest)
 
     def _run_gradient(self, pixels, targets, rule, score, layer, batch_size):
         """Run the gradient graph of (rule, score, layer): ([the activation,] the gradient,

@@ -16,8 +16,16 @@ NHWC, and any other op (Reshape, Flatten) loses it. So the Transpose(0, 2, 3, 1)
 and jax2onnx put before Flatten, and the channels-last blocks of ConvNeXt, are never read as
 channels: a tensor known channels-last is no layer, one of unknown layout is one only if its
 grid is the image's (h <= H, w <= W, the two downsampling factors within a factor 2: an
-attention tensor [N, heads, tokens, dim] is not). A model without any (a ViT's token sequences)
-gets one line asking for --layer.
+attention tensor [N, heads, tokens, dim] is not). A Pad's output is no layer either: it is its
+input plus a border (Keras' ZeroPadding2D before a strided convolution), so where a small input
+leaves 1x1 maps at the end (MobileNetV2 at 32x32) the default is the map the last Pad reads,
+not the padded one. A model without any gets one line asking for --layer.
+
+A layer named with --layer may also be a token sequence [N, T, C] (a ViT's): read as its h x w
+grid, the image's downsampled (H / h = W / w: square patches), after a class token when
+T = 1 + h * w, else with T = h * w; tokens row by row, as pytorch-grad-cam's `reshape_transform`
+for ViTs (`tensor[:, 1:, :].reshape(N, h, w, C)`, then channels first) reads them. Its activation
+and gradient both become [N, C, h, w] (`as_feature_maps`), and Grad-CAM is the usual.
 """
 
 from ..errors import OnnxAttrError
@@ -31,6 +39,7 @@ CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool
                       "SpaceToDepth"}
 LOSES_LAYOUT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Gemm", "Einsum"}
 MAX_STRIDE_RATIO = 2.0  # how much the two downsampling factors of a map on the grid may differ
+TOKENS = "nor tokens [N, 1 + h*w, C] or [N, h*w, C] on the image's h x w grid"
 
 
 def tensor_layouts(forward, shapes):
@@ -78,7 +87,7 @@ def spatial_layers(forward):
     image = shapes.get(forward.graph.input[0].name) or [None] * 4
     found = []
     for node in ancestors_nearest_first(forward.graph, LOGITS):
-        for name in node.output:
+        for name in node.output if node.op_type != "Pad" else ():
             shape = shapes.get(name)
             if (name and shape is not None and len(shape) == 4
                     and all(isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] > 1
@@ -104,8 +113,8 @@ def default_layer(forward):
     found = spatial_layers(forward)
     if not found:
         raise OnnxAttrError("no channels-first feature map [N, K, h, w] on the image's grid "
-                            "feeds the logits (a model of token sequences, such as a ViT, has "
-                            "none); name a layer (--layer)")
+                            "feeds the logits; name a layer (--layer: a token sequence "
+                            "[N, 1 + h*w, C] is read as its h x w grid)")
     return found[0][0]
 
 
@@ -129,9 +138,11 @@ def check_layer(forward, layer):
         raise OnnxAttrError(f"layer '{layer}' {problem}{_suggestions(forward)}")
     shapes = infer_shapes(forward, symbolic=True)[0]
     shape = shapes.get(layer)
-    if shape is not None and len(shape) != 4:
-        raise OnnxAttrError(f"layer '{layer}' has shape {_show(shape)}, not [N, K, h, w]"
-                            f"{_suggestions(forward)}")
+    image = shapes.get(graph.input[0].name) or [None] * 4
+    if shape is not None and len(shape) != 4 and not (
+            len(shape) == 3 and token_grid(shape[1], image[2:]) is not None):
+        raise OnnxAttrError(f"layer '{layer}' has shape {_show(shape)}, not [N, K, h, w] "
+                            f"{TOKENS}{_suggestions(forward)}")
     layout = tensor_layouts(forward, shapes).get(layer, "NCHW")
     if layout != "NCHW":
         raise OnnxAttrError(f"layer '{layer}' {_show(shape)} is {layout}, not channels-first "
@@ -139,13 +150,34 @@ def check_layer(forward, layer):
     return layer
 
 
-def check_activation(layer, activation):
-    """The activation a run returned for `layer`, if it is [N, K, h, w] (for tensors whose
-    shape inference did not know)."""
-    if activation.ndim != 4:
+def token_grid(count, size):
+    """(h, w, first) where a sequence of `count` tokens is the image's grid (`size` (H, W)
+    downsampled, H / h = W / w) after `first` leading tokens (1: a class token, tried first;
+    0: none); None where neither is, or the size or count is unknown."""
+    height, width = size
+    if not all(isinstance(d, int) for d in (count, height, width)):
+        return None
+    for first in (1, 0):
+        cells = count - first
+        for h in range(1, min(cells, height) + 1):
+            if cells % h == 0 and height * (cells // h) == width * h:
+                return h, cells // h, first
+    return None
+
+
+def as_feature_maps(layer, size, activation, gradient):
+    """A run's activation of `layer` and the score's gradient there as [N, K, h, w]: as they
+    are, or a token sequence [N, T, C] read as its grid (see the module docstring); else (for
+    tensors whose shape inference did not know) an OnnxAttrError."""
+    if activation.ndim == 4:
+        return activation, gradient
+    grid = token_grid(activation.shape[1], size) if activation.ndim == 3 else None
+    if grid is None:
         raise OnnxAttrError(f"layer '{layer}' has shape {list(activation.shape)}, not "
-                            "[N, K, h, w]")
-    return activation
+                            f"[N, K, h, w] {TOKENS}")
+    h, w, first = grid
+    return tuple(tensor[:, first:].reshape(len(tensor), h, w, -1).transpose(0, 3, 1, 2)
+                 for tensor in (activation, gradient))
 
 
 def _show(shape):

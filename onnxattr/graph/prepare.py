@@ -17,6 +17,7 @@ differentiate (tests check the forward outputs do not change); the native builde
 """
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -25,6 +26,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
+from .backward_forms import explicit_pads
 from .opset import fit_opset
 from .precision import to_float32
 from .relu_rules import replaces
@@ -173,15 +175,17 @@ def _fix_batchnorm(editor, node):
 def _fix_average_pool(editor, node):
     """AveragePool as a depthwise Conv with weights 1/kernel size (the builder's AveragePoolGrad
     returns an empty batch in onnxruntime-training 1.19.2). Without count_include_pad, border
-    outputs are divided by the share of the window that lies inside the image."""
-    if attribute(node, "ceil_mode", 0) or attribute(node, "auto_pad", "NOTSET") != "NOTSET":
-        raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode or auto_pad is not "
-                            "supported by the onnxruntime-training builder (try --builder native)")
+    outputs are divided by the share of the window that lies inside the image. An auto_pad
+    (jax2onnx's SAME) becomes the pads it means at the input's static size."""
+    if attribute(node, "ceil_mode", 0):
+        raise OnnxAttrError(f"AveragePool node '{node.name}' with ceil_mode is not supported by "
+                            "the onnxruntime-training builder (try --builder native)")
     x, y, n = node.input[0], node.output[0], node.name
     shape = editor.shape(x, node)
     kernel = list(attribute(node, "kernel_shape"))
     strides = list(attribute(node, "strides", [1] * len(kernel)))
-    pads = list(attribute(node, "pads", [0] * 2 * len(kernel)))
+    pads = explicit_pads(attribute(node, "auto_pad", "NOTSET"), attribute(node, "pads"),
+                         shape[2:], kernel, strides, [1] * len(kernel))
     weight = np.full((shape[1], 1, *kernel), 1.0 / np.prod(kernel), np.float32)
     attrs = dict(group=shape[1], kernel_shape=kernel, strides=strides, pads=pads)
     if attribute(node, "count_include_pad", 0) or not any(pads):
@@ -267,6 +271,7 @@ def prepare_forward(classifier, fixes=None, outputs=()):
     fold_static_ifs(model)
     to_float32(model, classifier.input_name)
     editor = GraphEditor(model)
+    class_outputs = _free_reserved_names(editor, classifier, outputs)
     editor.set_nodes([*_prepend_contract(editor, classifier), *model.graph.node])
     extra = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
     model.graph.output.extend(extra)
@@ -275,24 +280,43 @@ def prepare_forward(classifier, fixes=None, outputs=()):
         fix = (fixes or {}).get(node.op_type)
         nodes.extend(fix(editor, node) if fix else [node])
     editor.set_nodes(nodes)
-    _expose_class_outputs(editor, classifier, default_opset(model))
+    _expose_class_outputs(editor, classifier, *class_outputs, default_opset(model))
     model.graph.output.extend(extra)
     return model
 
 
-def _expose_class_outputs(editor, classifier, opset):
-    """Make the graph's outputs exactly `prob` and `logits`, adding a Softmax if it has none."""
+def _free_reserved_names(editor, classifier, layers):
+    """Rename the model's tensors that have a name onnxattr or a builder gives a tensor of its
+    own: the class outputs and the score head's (`prob`, `logits`, `score`, `onehot`), unless
+    the tensor is that one already (the model's `prob` output), and the gradients (`x_grad`,
+    and the training builder's partial sums `x_grad_1`, ..., of any tensor `x`). `x` becomes
+    `model/x`. Returns the names of the (prob, logits) tensors."""
+    own = {PROB: classifier.prob_output, LOGITS: classifier.logits_output}
+    heads = {PROB, LOGITS, SCORE, ONEHOT}
+    made = {name for node in editor.graph.node for name in node.output}
+    tensors = made | {i.name for i in editor.graph.input} | heads | set(layers)
+    new = {}
+    for name in sorted(made):
+        gradient = re.fullmatch(r"(.+)_grad(_\d+)?", name)
+        if (name in heads and own.get(name) != name) or (gradient and gradient[1] in tensors):
+            new[name] = editor.unique(f"model/{name}")
+            _rename(editor.graph, name, new[name])
+    return (new.get(classifier.prob_output, classifier.prob_output),
+            new.get(classifier.logits_output, classifier.logits_output))
+
+
+def _expose_class_outputs(editor, classifier, prob_output, logits_output, opset):
+    """Make the graph's outputs exactly `prob` and `logits` (the model's tensors `prob_output`,
+    None if it has none, and `logits_output`), adding a Softmax if it has none."""
     graph = editor.graph
-    for name in {PROB, LOGITS} - {classifier.logits_output, classifier.prob_output}:
-        _rename(graph, name, editor.unique(name))  # another output's tensor (--output)
     nodes = []
-    if classifier.logits_output != LOGITS:
-        nodes.append(editor.node("Identity", [classifier.logits_output], [LOGITS], LOGITS))
-    if classifier.prob_output is None:
-        nodes.append(editor.node("Softmax", [classifier.logits_output], [PROB], PROB,
+    if logits_output != LOGITS:
+        nodes.append(editor.node("Identity", [logits_output], [LOGITS], LOGITS))
+    if prob_output is None:
+        nodes.append(editor.node("Softmax", [logits_output], [PROB], PROB,
                                  axis=1 if opset < 13 else -1))
-    elif classifier.prob_output != PROB:
-        nodes.append(editor.node("Identity", [classifier.prob_output], [PROB], PROB))
+    elif prob_output != PROB:
+        nodes.append(editor.node("Identity", [prob_output], [PROB], PROB))
     editor.set_nodes([*graph.node, *nodes])
     batch = classifier.batch or "N"
     del graph.output[:]
