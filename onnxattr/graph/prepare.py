@@ -25,6 +25,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
+from .backward_forms import channel_window_weights
 from .opset import fit_opset
 from .precision import to_float32
 from .relu_rules import replaces
@@ -115,16 +116,14 @@ def _fix_lrn(editor, node):
                          attribute(node, "bias", 1.0))
     before, after = (size - 1) // 2, size // 2
     x, y, n = node.input[0], node.output[0], node.name
-    channel = np.arange(editor.shape(x, node)[1])
-    band = ((channel[None, :] >= channel[:, None] - before)
-            & (channel[None, :] <= channel[:, None] + after))
+    band = channel_window_weights(editor.shape(x, node)[1], before, after)
     t = {k: editor.unique(f"{n}/{k}") for k in ("copy", "square", "window", "base", "shifted",
                                                  "log", "scaled_log", "scale")}
     return [
         editor.node("Identity", [x], [t["copy"]], n),
         editor.node("Mul", [x, t["copy"]], [t["square"]], n),
-        editor.node("Conv", [t["square"], editor.constant(f"{n}/band", band.astype(np.float32)[
-            :, :, None, None])], [t["window"]], n, kernel_shape=[1, 1]),
+        editor.node("Conv", [t["square"], editor.constant(f"{n}/band", band)], [t["window"]], n,
+                    kernel_shape=[1, 1]),
         editor.node("Mul", [t["window"], editor.constant(f"{n}/alpha", np.float32(alpha / size))],
                     [t["base"]], n),
         editor.node("Add", [t["base"], editor.constant(f"{n}/bias", np.float32(bias))],
