@@ -4,13 +4,20 @@ compared with the kept form's: "equal" bit for bit, else the largest difference)
 forms are in onnxattr/graph/backward_forms.py; this script is the record of why the others lost.
 
     python scripts/bench_rejected_forms.py [--threads 1] [--runs 21]
-        [--only strided|gate|scatter|pool|sums] [--googlenet models/googlenet.onnx]
+        [--only strided|gate|scatter|pool|sums|layout] [--googlenet models/googlenet.onnx]
 
 strided  a strided convolution's input gradient (ResNet-18's and MobileNetV2's strided layers):
          ConvTranspose (kept) against zero insertion (dY spread onto the stride grid with
          Reshape/Pad/Reshape, then the stride-1 flipped-weight Conv) and, for depthwise layers,
          phase convolutions (one depthwise Conv per stride phase with that phase's taps,
-         Concat, DepthToSpace, Slice) and the same as one grouped Conv.
+         Concat, DepthToSpace, Slice) and the same as one grouped Conv; for the other layers
+         (issue 28), stride phases as one stride-1 Conv of dY to S*S*C channels (each phase's
+         taps, in and out channels swapped, flipped), DepthToSpace and Slice (also with its
+         output channels padded to a multiple of 8 or 16, the NCHWc block). GoogLeNet's
+         conv1/7x7_s2 has the ResNet-18 stem's geometry. Shared 2-core machine under load, 1
+         thread, medians of 15-25: the stem 0.81-1.13x ConvTranspose's time over seven runs (1
+         and 2 threads: within noise); 3x3/2 64->128 3.3x, 256->512 0.82-1.06x, 1x1/2 3.5x.
+         Not kept: no gain on GoogLeNet's stem, slower on two of ResNet-18's layers.
 gate     a ReLU's and a ReLU6's gate: dY * Cast(Y > 0) and dY * Cast((Y > 0) And (Y < 6))
          (kept) against dY * Sign(Y), dY * Sign(Min(Y, 6 - Y)) and Where.
 scatter  MaxPool's backward scatter: ScatterElements (kept) against ScatterND.
@@ -31,6 +38,21 @@ pool     MaxPool's backward at GoogLeNet's pools (issue 28), each with the forwa
          1.27-3.1x, grouped 1.28-2.4x, unfold 1.31-2.1x (inception_4a/pool up to 6x in the
          noisier run). The one-hot adjoint over k*k channels costs more than the scatter it
          replaces, and the unfolding Conv more than the indexed MaxPool.
+layout   GoogLeNet's gradient graph (the engine's: the training builder's, lowered) with each
+         ReLU gate's mask Cast(Y > 0) made in onnxruntime's NCHWc layout: two depthwise 1x1
+         Convs of weight 2^127 with a fused Clip(0, 1) (twice, so that subnormal Y > 0 reach 1
+         too; exact for every Y). The masks stay NCHWc, but onnxruntime's NCHWc Mul needs both
+         inputs NCHWc with shapes it can prove equal: dY comes from a Split (an inception
+         module's concat) or has no inferred shape, so every mask is reordered back before its
+         Mul. 0.99x the whole graph's time (2 threads, 11 interleaved runs, load average 5-8 on
+         the 2 cores): within noise, not kept. Also the gates of each inception module's
+         branches moved before the Split of its concat's gradient (one gate of the concat's
+         gradient and output: bit for bit the same, and the concat output, which onnxruntime
+         reorders for the next MaxPool anyway, replaces the branch outputs that were each
+         reordered for their gate and for the Shape sizing the Split, now constant sizes): 36
+         fewer reorders, 27 fewer gates, but 1.01x, 0.96x, 0.99x the whole graph's time
+         (2 threads 31 and 41 runs, 1 thread 31) and in onnxruntime's profile the reorders and
+         gates together 0.92x and 1.23x (two runs of 20): within noise, not kept.
 sums     GoogLeNet's gradient graph with each n-ary Sum of branch gradients as a chain of
          binary Adds (which onnxruntime keeps in its NCHWc layout), or with the 1x1 Conv
          adjoints of an inception module's branches merged into one Conv over their
@@ -44,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,6 +75,7 @@ from bench_backward_forms import POOL_LAYERS, build, compare  # noqa: E402
 
 from onnxattr.graph import backward_forms as forms  # noqa: E402
 from onnxattr.graph.runtime import onnxruntime  # noqa: E402
+from onnxattr.graph.toolkit import prune  # noqa: E402
 
 node = helper.make_node
 # name: (out channels M, in channels C, kernel, stride, pad, input size, group); every layer
@@ -103,7 +126,41 @@ def strided_candidates(m, c, k, s, p, size, group, rng):
         "zero insertion + Conv": build(inputs, zero_insertion, {"w": w})}
     if group == m == c and (k, s, p) == (3, 2, 1):
         candidates.update(depthwise_phase_candidates(w, m, size, inputs))
+    if group == 1:
+        for block in (None, 8, 16):
+            candidates["stride phases, 1 Conv" + (f" (out padded to {block})" if block else "")] = (
+                build(inputs, lambda em, block=block: stride_phases(
+                    em, "dy", "w", (m, c, k, s, p, size, out), block), {"w": w}))
     return candidates, {"dy": rng.standard_normal((1, m, out, out)).astype(np.float32)}
+
+
+def stride_phases(em, dy, w, layer, block=None):
+    """dX of a square Conv (group 1, stride s > 1) by stride phase: phase (a, b) of dX, the
+    cells s*i + a, s*j + b, is a stride-1 correlation of dY with the taps k = s*t + a + p
+    (t = i - o), all phases one Conv of dY to s*s*C channels (channel (a*s + b)*C + c, zero
+    taps where a phase has fewer), interleaved by DepthToSpace (DCR) and cropped to X.
+    `block`: the Conv's output channels padded to a multiple of it (then sliced)."""
+    m, c, k, s, p, size, out = layer
+    t_hi, t_lo = (k - 1 - p) // s, -((s - 1 + p) // s)
+    taps = t_hi - t_lo + 1
+    before, after = -(s * t_lo + p), s * t_hi + s - 1 + p - (k - 1)
+    padded = em.op("Pad", w, ints(em, [0, 0, before, before, 0, 0, after, after]))
+    split = em.op("Reshape", padded, ints(em, [m, c, taps, s, taps, s]))
+    last = np.iinfo(np.int64).min
+    flipped = em.op("Slice", split, ints(em, [-1, -1]), ints(em, [last, last]), ints(em, [2, 4]),
+                    ints(em, [-1, -1]))
+    phases = s * s * c
+    weights = em.op("Reshape", em.op("Transpose", flipped, perm=[3, 5, 1, 0, 2, 4]),
+                    ints(em, [phases, m, taps, taps]))
+    extra = -(-size // s) - out  # phase rows beyond dY's
+    if block and phases % block:
+        weights = em.op("Pad", weights, ints(em, [0, 0, 0, 0, block - phases % block, 0, 0, 0]))
+    grid = em.op("Conv", dy, weights, kernel_shape=[taps, taps],
+                 pads=[t_hi, t_hi, -t_lo + extra, -t_lo + extra])
+    if block and phases % block:
+        grid = em.op("Slice", grid, ints(em, [0]), ints(em, [phases]), ints(em, [1]))
+    spread = em.op("DepthToSpace", grid, blocksize=s, mode="DCR")
+    return em.op("Slice", spread, ints(em, [0, 0]), ints(em, [size, size]), ints(em, [2, 3]))
 
 
 def depthwise_phase_candidates(w, channels, size, inputs):
@@ -354,17 +411,121 @@ def bench_sums(args):
           "sibling 1x1 adjoints merged": merged_pointwise_adjoints(graph)}, feeds, args)
 
 
+def nchwc_masks(graph):
+    """The graph with each ReLU gate's Cast(Greater(Y, 0)) replaced by Clip(0, 1) of Y times
+    2^127 by a depthwise 1x1 Conv, twice (see the module docstring, "layout")."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(graph)
+    inferred = onnx.shape_inference.infer_shapes(masked).graph
+    channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value
+                for v in [*inferred.value_info, *inferred.input]
+                if len(v.type.tensor_type.shape.dim) == 4}
+    producer = {out: n for n in masked.graph.node for out in n.output}
+    nodes, weights = [], {}
+    for n in masked.graph.node:
+        greater = producer.get(n.input[0]) if n.op_type == "Cast" else None
+        y = greater.input[0] if greater is not None and greater.op_type == "Greater" else None
+        if not channels.get(y):
+            nodes.append(n)
+            continue
+        c = channels[y]
+        weights.setdefault(c, numpy_helper.from_array(np.full((c, 1, 1, 1), 2.0 ** 127,
+                                                              np.float32), f"mask_weight_{c}"))
+        for out in (f"{n.output[0]}_half", n.output[0]):
+            nodes += [node("Conv", [y, weights[c].name], [f"{out}_scaled"], group=c,
+                           kernel_shape=[1, 1]),
+                      node("Clip", [f"{out}_scaled", "mask_low", "mask_high"], [out])]
+            y = out
+    read = {name for n in nodes for name in n.input}
+    del masked.graph.node[:]
+    masked.graph.node.extend(n for n in nodes if n.op_type != "Greater" or n.output[0] in read)
+    masked.graph.initializer.extend([*weights.values(), numpy_helper.from_array(
+        np.float32(0), "mask_low"), numpy_helper.from_array(np.float32(1), "mask_high")])
+    return masked
+
+
+def gates_before_splits(graph):
+    """The graph with the ReLU gates of each channel Concat's branches, Mul(dY_i, Cast(Y_i >
+    0)) on the outputs of the Split of the Concat's gradient, as one gate of the Concat's
+    gradient and output before the Split, whose sizes become constants (see the module
+    docstring, "layout")."""
+    hoisted = onnx.ModelProto()
+    hoisted.CopyFrom(graph)
+    nodes = list(hoisted.graph.node)
+    inferred = onnx.shape_inference.infer_shapes(hoisted).graph
+    channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in inferred.value_info
+                if len(v.type.tensor_type.shape.dim) == 4}
+    producer = {out: n for n in nodes for out in n.output}
+    readers = collections.defaultdict(list)
+    for n in nodes:
+        for name in n.input:
+            readers[name].append(n)
+    concats = {tuple(n.input): n.output[0] for n in nodes if n.op_type == "Concat"
+               and helper.get_attribute_value(n.attribute[0]) == 1}
+
+    def gate_of(name):
+        """(the gate's Mul, the forward tensor it reads) when `name` only feeds a gate."""
+        mul = readers[name][0] if len(readers[name]) == 1 else None
+        cast = producer.get(mul.input[1]) if mul is not None and mul.op_type == "Mul" else None
+        greater = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" \
+            else None
+        return (mul, greater.input[0]) if greater is not None and greater.op_type == "Greater" \
+            else (None, None)
+
+    dropped, before = set(), {}
+    for split in (n for n in nodes if n.op_type == "Split"):
+        gates = [gate_of(name) for name in split.output]
+        ys = tuple(y for _, y in gates)
+        if ys not in concats:
+            continue
+        sizes = numpy_helper.from_array(np.array([channels[y] for y in ys], np.int64),
+                                        f"{split.name}/sizes")
+        hoisted.graph.initializer.append(sizes)
+        name = f"{split.name}/gated"
+        before[id(split)] = [
+            node("Greater", [concats[ys], f"{name}_zero"], [f"{name}_on"]),
+            node("Cast", [f"{name}_on"], [f"{name}_mask"], to=onnx.TensorProto.FLOAT),
+            node("Mul", [split.input[0], f"{name}_mask"], [name]),
+            node("Split", [name, sizes.name], [mul.output[0] for mul, _ in gates], axis=1)]
+        hoisted.graph.initializer.append(numpy_helper.from_array(np.float32(0), f"{name}_zero"))
+        dropped.update(id(n) for n in [split, *(mul for mul, _ in gates)])
+    del hoisted.graph.node[:]
+    hoisted.graph.node.extend(new for n in nodes
+                              for new in before.get(id(n), []) + ([] if id(n) in dropped else [n]))
+    prune(hoisted)
+    return hoisted
+
+
+def bench_layout(args):
+    from onnxattr import Explainer
+    from onnxattr.graph.prepare import ONEHOT
+
+    explainer = Explainer(args.googlenet, threads=args.threads)
+    engine = explainer.engine
+    graph = engine.gradient_graph()
+    onehot = np.zeros((1, engine.classifier.num_classes), np.float32)
+    onehot[0, 0] = 1.0
+    feeds = {engine.classifier.input_name: explainer.pixels([REPO / "samples" / "chelsea.png"]),
+             ONEHOT: onehot}
+    race("GoogLeNet gradient graph (the engine's)",
+         {"Greater, Cast masks (kept)": graph, "NCHWc depthwise-Conv masks": nchwc_masks(graph),
+          "gates before the concats' Splits": gates_before_splits(graph)},
+         feeds, args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=21)
-    parser.add_argument("--only", choices=["strided", "gate", "scatter", "pool", "sums"])
+    parser.add_argument("--only", choices=["strided", "gate", "scatter", "pool", "sums",
+                                           "layout"])
     parser.add_argument("--googlenet", default=str(REPO / "models" / "googlenet.onnx"))
     args = parser.parse_args(argv)
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), medians of "
           f"{args.runs}")
     for part, bench in {"strided": bench_strided, "gate": bench_gate, "scatter": bench_scatter,
-                        "pool": bench_pool, "sums": bench_sums}.items():
+                        "pool": bench_pool, "sums": bench_sums,
+                        "layout": bench_layout}.items():
         if args.only in (None, part):
             bench(args)
 

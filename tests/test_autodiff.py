@@ -126,6 +126,21 @@ def test_gradient_with_respect_to_an_intermediate_tensor():
     assert any(n.name.startswith("grad/relu1/") for n in gradient.graph.node)
 
 
+def test_lrn_window_sums_are_channel_mixing_convs():
+    """LRN's two window sums (of x^2, and the transposed one of the backward) are 1x1 Convs
+    with a band of ones over the C channels, which onnxruntime runs in its NCHWc layout, not
+    Sums of channel Slices (one pass per window cell); test_autodiff_rules checks the values."""
+    gradient = build_native_gradient(native_scored(SMALL["conv-relu-maxpool(ceil)-lrn-gemm-softmax"]()),
+                                     "image")
+    lrn = [n for n in gradient.graph.node if n.name.startswith("grad/lrn1/")]
+    constants = {n.output[0]: n.attribute[0].t for n in gradient.graph.node
+                 if n.op_type == "Constant"}
+    constants.update({i.name: i for i in gradient.graph.initializer})
+    convs = [n for n in lrn if n.op_type == "Conv"]
+    assert [list(constants[n.input[1]].dims) for n in convs] == [[4, 4, 1, 1]] * 2
+    assert not [n for n in lrn if n.op_type in ("Slice", "Pad")]
+
+
 @pytest.mark.parametrize("name", ["conv-relu-maxpool(ceil)-lrn-gemm-softmax",
                                   "concat-batchnorm-dropout-avgpool-gemm-softmax"])
 def test_any_batch_size_rows_independent(name):

@@ -160,3 +160,55 @@ def test_rejected_masked_max_pool_grad_routes_as_the_kept_form(stride, pad, ceil
     masked = build(inputs, lambda em: masked_pool_grad(em, "x", "dy", out_size=out, ceil=ceil,
                                                        layout=layout, **geometry))
     np.testing.assert_array_equal(make_session(masked).run(None, feeds)[0], expected)
+
+
+@pytest.mark.parametrize("kernel, stride, pad, size", [(7, 2, 3, 16), (3, 2, 1, 9), (1, 2, 0, 8),
+                                                       (3, 3, 1, 10)])
+def test_rejected_stride_phases_give_the_adjoint(kernel, stride, pad, size):
+    """The stride-phase adjoint (bench_rejected_forms.py --only strided) equals ConvTranspose's:
+    with small integer values every sum is exact, so bit for bit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_backward_forms import build
+    from bench_rejected_forms import stride_phases
+
+    from onnxattr.graph import backward_forms as forms
+    from onnxattr.graph.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    m, c = 5, 3
+    out = (size + 2 * pad - kernel) // stride + 1
+    w = rng.integers(-3, 4, (m, c, kernel, kernel)).astype(np.float32)
+    feeds = {"dy": rng.integers(-4, 5, (2, m, out, out)).astype(np.float32)}
+    inputs = {"dy": [2, m, out, out]}
+    kept = build(inputs, lambda em: forms.conv_input_grad(
+        em, "dy", "w", [size] * 2, [kernel] * 2, [stride] * 2, [pad] * 4, [1, 1], 1, [m, c, kernel,
+                                                                                     kernel]),
+        {"w": w})
+    expected = make_session(kept).run(None, feeds)[0]
+    for block in (None, 16):
+        phases = build(inputs, lambda em, block=block: stride_phases(
+            em, "dy", "w", (m, c, kernel, stride, pad, size, out), block), {"w": w})
+        np.testing.assert_array_equal(make_session(phases).run(None, feeds)[0], expected)
+
+
+def test_rejected_nchwc_masks_gate_as_the_kept_form():
+    """The depthwise-Conv masks (bench_rejected_forms.py --only layout) are Cast(Y > 0) for
+    every Y: zeros, subnormals, the largest floats, negatives."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_backward_forms import build
+    from bench_rejected_forms import nchwc_masks
+
+    from onnxattr.graph import backward_forms as forms
+    from onnxattr.graph.runtime import make_session
+
+    values = np.array([0, 1e-45, 1e-40, 1e-38, 1e-3, 1, 3e38, -1e-45, -2, np.inf, -np.inf, 0.5],
+                      np.float32)
+    rng = np.random.default_rng(0)
+    feeds = {"y": rng.choice(values, (1, 16, 4, 4)).astype(np.float32),
+             "dy": rng.integers(-4, 5, (1, 16, 4, 4)).astype(np.float32)}
+    gated = build({"y": [1, 16, 4, 4], "dy": [1, 16, 4, 4]},
+                  lambda em: forms.gate(em, "dy", forms.relu_active(em, "y", "y")))
+    masked = nchwc_masks(gated)
+    assert "Greater" not in {n.op_type for n in masked.graph.node}
+    np.testing.assert_array_equal(make_session(masked).run(None, feeds)[0],
+                                  make_session(gated).run(None, feeds)[0])

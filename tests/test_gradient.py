@@ -98,6 +98,27 @@ def test_auto_pad_is_its_explicit_pads(tmp_path, builder):
         np.testing.assert_array_equal(auto, explicit)
 
 
+@pytest.mark.parametrize("size", [3, 5])
+def test_prepared_lrn_sums_its_window_with_a_channel_mixing_conv(size, small_explainer):
+    """The LRN the training builder sees sums x^2 over its window of channels with one 1x1 Conv
+    of C channels (a band of ones), not a Conv of one channel over x^2 reshaped to [N, 1, C,
+    H*W]: onnxruntime's NCHWc layout pads that one channel to its block (16 on AVX-512) and
+    reorders 16 times the tensor; its forward equals onnxruntime's LRN."""
+    model = small_models.conv_relu_maxpool_lrn()
+    lrn = next(n for n in model.graph.node if n.op_type == "LRN")
+    next(a for a in lrn.attribute if a.name == "size").i = size
+    explainer = small_explainer(model)
+    pixels = np.random.default_rng(6).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    original = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"image": pixels})
+    fixed = explainer.engine.forward_graph("onnxruntime")
+    window = [n for n in fixed.graph.node if n.name.startswith("lrn1") and n.op_type == "Conv"]
+    weights = {i.name: i for i in fixed.graph.initializer}
+    assert [list(weights[n.input[1]].dims) for n in window] == [[4, 4, 1, 1]]
+    assert not [n for n in fixed.graph.node if n.op_type == "Reshape"]
+    np.testing.assert_allclose(explainer.engine.forward(pixels)[0], original[0], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_gradient_graph_is_cached_on_disk(tmp_path, monkeypatch, builder):
     path = small_models.save(small_models.conv_relu_maxpool_lrn(), tmp_path / "m.onnx")
     pixels = np.ones((1, 3, 8, 8), np.float32)

@@ -359,6 +359,19 @@ def average_pool_grad(em, x, dy, size, kernel, strides, pads, dilations, out_siz
     return em.op("Reshape", back, em.op("Shape", x))
 
 
+# --- LRN -------------------------------------------------------------------------------------------
+
+def channel_window_weights(channels, before, after, dtype=np.float32):
+    """Weights [C, C, 1, 1] of the 1x1 Conv that sums, for each channel c, the channels
+    [c - before, c + after] (a band of ones): LRN's window sum, which onnxruntime runs in its
+    NCHWc layout (a one-channel Conv over [N, 1, C, H*W] the layout pads to its channel block,
+    16 on AVX-512, and Slices of the zero-padded tensor are one pass per window cell)."""
+    channel = np.arange(channels)
+    band = (channel[None, :] >= channel[:, None] - before) & (
+        channel[None, :] <= channel[:, None] + after)
+    return band.astype(dtype)[:, :, None, None]
+
+
 # --- ReLU ------------------------------------------------------------------------------------------
 
 def relu_active(em, x, y, form=None):

@@ -26,7 +26,7 @@ from onnx import helper
 from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
-from .backward_forms import explicit_pads
+from .backward_forms import channel_window_weights, explicit_pads
 from .opset import fit_opset
 from .precision import to_float32
 from .relu_rules import replaces
@@ -102,29 +102,29 @@ def _fix_dropout(editor, node):
 def _fix_lrn(editor, node):
     """LRN as primitive ops: x * exp(-beta * log(bias + alpha * mean_window(x^2))).
 
-    The window sum over `size` neighbouring channels is a Conv with a (size, 1) kernel of ones
-    over x^2 reshaped to [N, 1, C, H*W]. The square is x * Identity(x) and the power goes
-    through Exp/Log: the builder's gradients of Pow, of Mul with one tensor on both inputs, and
-    of AveragePool fail at run time in onnxruntime-training 1.19.2.
+    The window sum over `size` neighbouring channels is a 1x1 Conv of x^2 with a band of ones
+    [C, C, 1, 1] (C^2 multiply-adds per pixel where the window needs `size`, but onnxruntime
+    runs it in its NCHWc layout and folds the alpha / size Mul into it). The earlier form, a
+    Conv with a (size, 1) kernel over x^2 reshaped to [N, 1, C, H*W], was a one-channel Conv
+    that the NCHWc layout pads to its channel block (16 on AVX-512), and reordered back 16
+    times the tensor: GoogLeNet's gradient 0.92-0.95x the time with the band (whole graph,
+    interleaved medians, shared machine; docs/benchmarks.md). The square is x * Identity(x)
+    and the power goes through Exp/Log: the builder's gradients of Pow, of Mul with one tensor
+    on both inputs, and of AveragePool fail at run time in onnxruntime-training 1.19.2.
     """
     size = attribute(node, "size")
     alpha, beta, bias = (attribute(node, "alpha", 1e-4), attribute(node, "beta", 0.75),
                          attribute(node, "bias", 1.0))
     before, after = (size - 1) // 2, size // 2
     x, y, n = node.input[0], node.output[0], node.name
-    channels = editor.shape(x, node)[1]
-    t = {k: editor.unique(f"{n}/{k}") for k in ("copy", "square", "stacked", "sum", "shape",
-                                                 "window", "base", "shifted", "log",
-                                                 "scaled_log", "scale")}
-    stacked_shape = editor.constant(f"{n}/stacked_shape", np.array([0, 1, channels, -1], np.int64))
+    band = channel_window_weights(editor.shape(x, node)[1], before, after)
+    t = {k: editor.unique(f"{n}/{k}") for k in ("copy", "square", "window", "base", "shifted",
+                                                 "log", "scaled_log", "scale")}
     return [
         editor.node("Identity", [x], [t["copy"]], n),
         editor.node("Mul", [x, t["copy"]], [t["square"]], n),
-        editor.node("Reshape", [t["square"], stacked_shape], [t["stacked"]], n),
-        editor.node("Conv", [t["stacked"], editor.constant(f"{n}/ones", np.ones(
-            (1, 1, size, 1), np.float32))], [t["sum"]], n, pads=[before, 0, after, 0]),
-        editor.node("Shape", [x], [t["shape"]], n),
-        editor.node("Reshape", [t["sum"], t["shape"]], [t["window"]], n),
+        editor.node("Conv", [t["square"], editor.constant(f"{n}/band", band)], [t["window"]], n,
+                    kernel_shape=[1, 1]),
         editor.node("Mul", [t["window"], editor.constant(f"{n}/alpha", np.float32(alpha / size))],
                     [t["base"]], n),
         editor.node("Add", [t["base"], editor.constant(f"{n}/bias", np.float32(bias))],
