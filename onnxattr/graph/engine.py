@@ -41,13 +41,17 @@ class EngineSessions:
     _weights = None
     _forward_session = None
 
-    def session(self, graph):
-        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
-        them in the process; onnxattr.graph.weights)."""
+    def shared_weights(self):
+        """The model's SharedWeights (onnxattr.graph.weights), made once."""
         if self._weights is None:
             self._weights = SharedWeights(self.classifier.proto)
+        return self._weights
+
+    def session(self, graph):
+        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
+        them in the process)."""
         return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch, self._weights)
+                           self.classifier.batch, self.shared_weights())
 
     def open(self):
         """Open the forward session now, so a model onnxruntime cannot load fails before any
@@ -138,13 +142,19 @@ class AttributionEngine(EngineSessions):
 
     def built_graph(self, builder, rule, score, layer=None):
         """The runnable gradient graph of one builder (from the cache, or built now). The
-        cache key has the layer only when there is one, so image gradients keep their keys."""
-        return self.cache.get_or_build(lambda: self._build(builder, rule, score, layer),
-                                       self.classifier.digest, builder=builder, rule=rule,
-                                       score=score, **({"layer": layer} if layer else {}))
+        cache key has the layer only when there is one, so image gradients keep their keys.
+        The native builder's graphs reference the shared weights instead of holding them (a
+        cache entry of a few kilobytes; SharedWeights.repoint)."""
+        graph = self.cache.get_or_build(lambda: self._build(builder, rule, score, layer),
+                                        self.classifier.digest, builder=builder, rule=rule,
+                                        score=score, **({"layer": layer} if layer else {}))
+        return self.shared_weights().repoint(graph)
 
     def _build(self, builder, rule, score, layer):
-        scored = add_score_head(self.forward_graph(builder, layer), score)
+        forward = self.forward_graph(builder, layer)
+        if builder == "native":  # it needs the weights' shapes only
+            forward = self.shared_weights().strip(forward)[0]
+        scored = add_score_head(forward, score)
         graph = BUILDERS[builder](scored, layer or self.classifier.input_name, rule)
         if builder != "onnxruntime":
             return graph
