@@ -80,7 +80,8 @@ def measure(args):
     compiled = make_session(load_model(output).proto, "cpu", args.threads)
     engine = AttributionEngine(load_model(model), "cpu", GraphCache(work / "cache"), args.threads)
     target = np.argmax(engine.forward(pixels)[0], axis=1)
-    trained = make_session(engine.gradient_graph(), "cpu", args.threads)
+    trained = make_session(engine.shared_weights().restore(engine.gradient_graph()), "cpu",
+                           args.threads)  # the graph with its own weights, as compiled
     onehot = np.eye(1000, dtype=np.float32)[target]
 
     def train_run(images, targets):

@@ -3,11 +3,12 @@ a fresh graph cache, against the model file's size (docs/scale.md).
 
     python scripts/bench_memory.py --model models/googlenet.onnx [--model /tmp/vgg11_bn.onnx]
         [--case gradient --case integrated-gradients --case all] [--builder native]
-        [--limit-gb 12] [--json out.json]
+        [--limit-gb 12] [--batch-size 16] [--json out.json]
 
-A case is a --method value; integrated gradients runs 16 steps in batches of 16. A child whose
-RSS passes --limit-gb is killed (the row says so) so that a model too big for the machine does
-not take it down. The peak is the kernel's ru_maxrss of the child (os.wait4).
+A case is a --method value; integrated gradients runs 16 steps in batches of --batch-size (and
+--method all runs every method with it). A child whose RSS passes --limit-gb is killed (the
+row says so) so that a model too big for the machine does not take it down. The peak is the
+kernel's ru_maxrss of the child (os.wait4).
 """
 
 import argparse
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 CASES = ("gradient", "integrated-gradients", "all")
-IG_FLAGS = ["--steps", "16", "--batch-size", "16"]
 
 
 def rss_bytes(pid):
@@ -35,10 +35,11 @@ def rss_bytes(pid):
         return 0
 
 
-def run_case(model, case, builder, image, limit):
+def run_case(model, case, builder, image, limit, batch_size=16):
     """(peak RSS in bytes, seconds, exit status or 'killed') of one explain run."""
     with tempfile.TemporaryDirectory(prefix="onnxattr-mem-") as scratch:
-        flags = IG_FLAGS if case in ("integrated-gradients", "all") else []
+        flags = ["--steps", "16", "--batch-size", str(batch_size)] if case in (
+            "integrated-gradients", "all") else []
         command = [sys.executable, "-m", "onnxattr", "explain", str(image), "--model", str(model),
                    "--method", case, "--builder", builder, "--out", f"{scratch}/out", *flags]
         env = dict(os.environ, ONNXATTR_CACHE=f"{scratch}/cache")
@@ -85,6 +86,7 @@ def main():
     parser.add_argument("--builder", default="native", choices=("auto", "onnxruntime", "native"))
     parser.add_argument("--image", help="a photo [default: 224 x 224 random pixels]")
     parser.add_argument("--limit-gb", type=float, default=12.0)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
@@ -94,9 +96,10 @@ def main():
         size = Path(model).stat().st_size
         for case in args.case or CASES:
             peak, seconds, outcome = run_case(model, case, args.builder, image,
-                                              int(args.limit_gb * 2 ** 30))
+                                              int(args.limit_gb * 2 ** 30), args.batch_size)
             rows.append(dict(model=Path(model).name, model_bytes=size, case=case,
-                             builder=args.builder, peak_bytes=peak, seconds=round(seconds, 1),
+                             builder=args.builder, batch_size=args.batch_size, peak_bytes=peak,
+                             seconds=round(seconds, 1),
                              status=outcome))
             print(f"{Path(model).name:<24} {size / 2**20:7.0f} {case:<22} {peak / 2**20:8.0f} "
                   f"{peak / size:8.2f} {seconds:6.1f}  {outcome}", flush=True)

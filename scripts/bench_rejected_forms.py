@@ -401,7 +401,7 @@ def bench_sums(args):
 
     explainer = Explainer(args.googlenet, builder="native", threads=args.threads)
     engine = explainer.engine
-    graph = engine.gradient_graph()
+    graph = engine.shared_weights().restore(engine.gradient_graph())  # its own weights
     onehot = np.zeros((1, engine.classifier.num_classes), np.float32)
     onehot[0, 0] = 1.0
     feeds = {engine.classifier.input_name: explainer.pixels([REPO / "samples" / "chelsea.png"]),

@@ -5,10 +5,12 @@ Each variant runs in a fresh process (peak memory is the process's VmHWM): IG-50
 `--repeats` runs after one warm-up; with `--rounds` R, R such processes per variant, the
 variants taking turns, and the median of their medians (peak: the largest). Variants:
 
-    default        onnxattr's sessions (memory arena on, memory pattern off, ORT_ENABLE_ALL;
+    default        onnxattr's sessions (one CPU memory arena for all sessions of the process,
+                   memory pattern off, ORT_ENABLE_ALL;
                    on 2 or more cores two worker sessions, each with half the threads, run
                    the halves of a chunk at once: onnxattr.graph.runtime.default_workers)
     one-worker     one session with all the threads runs each chunk
+    own-arenas     each session its own arena (session.use_env_allocators = 0)
     no-arena       enable_cpu_mem_arena = False
     pattern        enable_mem_pattern = True (onnxruntime's default)
     no-spinning    session.intra_op.allow_spinning = 0 (threads sleep between ops)
@@ -33,6 +35,7 @@ PHOTO = REPO / "samples" / "chelsea.png"
 VARIANTS = {
     "default": {},
     "one-worker": {"workers": 1},
+    "own-arenas": {"config": {"session.use_env_allocators": "0"}},
     "no-arena": {"enable_cpu_mem_arena": False},
     "pattern": {"enable_mem_pattern": True},
     "no-spinning": {"config": {"session.intra_op.allow_spinning": "0"}},

@@ -68,7 +68,8 @@ def all_nodes_on_cuda(model, cache):
     from onnxattr import Explainer
     from onnxattr.graph.runtime import onnxruntime, provider_options
 
-    graph = Explainer(model, cache_dir=cache, builder="native").engine.gradient_graph()
+    engine = Explainer(model, cache_dir=cache, builder="native").engine
+    graph = engine.shared_weights().restore(engine.gradient_graph())  # its own weights
     options = onnxruntime.SessionOptions()
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:

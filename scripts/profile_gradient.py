@@ -43,7 +43,7 @@ def main(argv=None):
     args = parse_args(argv)
     explainer = Explainer(args.model, builder=args.builder, threads=args.threads)
     engine = explainer.engine
-    graph = engine.gradient_graph()
+    graph = engine.shared_weights().restore(engine.gradient_graph())  # its own weights
     pixels = np.repeat(explainer.pixels([PHOTO]), args.batch, axis=0)
     onehot = np.zeros((args.batch, engine.classifier.num_classes), np.float32)
     onehot[:, int(np.argmax(engine.forward(pixels[:1])[0]))] = 1.0

@@ -6,7 +6,12 @@ import sys
 import textwrap
 
 import numpy as np
-from onnx import helper
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxattr import Explainer
+from onnxattr.errors import OnnxAttrError
+from onnxattr.graph.weights import SharedWeights
 
 import small_models
 
@@ -51,3 +56,48 @@ def test_weights_are_not_copied_per_graph_and_session(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     growth = float(done.stdout.split()[-1])
     assert growth < 4 * WEIGHT_MB, f"RSS grew by {growth:.0f} MB for {WEIGHT_MB} MB of weights"
+
+
+def test_cache_entries_reference_the_weights_and_another_engine_reads_them(tmp_path):
+    """A native gradient graph in the cache holds references to the shared weights, not the
+    weights (48 MB each before); a second Explainer, whose arrays lie elsewhere, reads the
+    entries and gets the same map."""
+    path = small_models.save(wide_model(), tmp_path / "wide.onnx")
+    photo = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    maps = [Explainer(path, cache_dir=tmp_path / "cache", builder="native")
+            .explain(photo, "guided-backprop").attribution for _ in range(2)]
+    entries = list((tmp_path / "cache").iterdir())
+    assert entries and max(e.stat().st_size for e in entries) < 2 ** 20
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
+def test_a_reference_to_weights_the_model_lacks_is_refused():
+    model = wide_model()
+    weights = SharedWeights(model)
+    stripped, names = weights.strip(model)
+    assert "wide_w" in names
+    restored = {t.name: t for t in weights.restore(weights.repoint(stripped)).graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(restored["wide_w"]),
+                                  weights.arrays["wide_w"])
+    next(t for t in stripped.graph.initializer if t.name == "wide_w").name = "other_w"
+    with pytest.raises(OnnxAttrError, match="references weights 'other_w'"):
+        weights.repoint(stripped)
+
+
+def test_cpu_sessions_share_one_memory_arena():
+    """Every CPU session allocates from the process's one arena: each session's own arena
+    kept its largest run's activations (sessions x graphs x methods of them)."""
+    from onnxattr.graph.runtime import make_session
+
+    model = small_models.classifier([helper.make_node("Flatten", ["image"], ["f"])],
+                                    {"__features__": 3 * 32 * 32}, "f", size=(32, 32))
+    options = make_session(model).get_session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+
+
+def test_native_forward_graphs_reference_the_weights(tmp_path):
+    """The native builder's forward graph (and the forward session's) is prepared from the
+    model with its weights as references: no full copy of the 48 MB per graph prepared."""
+    explainer = Explainer(small_models.save(wide_model(), tmp_path / "wide.onnx"),
+                          cache_dir=tmp_path / "cache", builder="native")
+    assert explainer.engine.forward_graph(layer="h").ByteSize() < 2 ** 20

@@ -11,6 +11,7 @@ batch 10) where the lowering rules allow, else on the training kernels.
 """
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from ..errors import OnnxAttrError
 from .builders import BUILDERS, FORWARD_FIXES, GraphCache, candidates, check_builder, note_fallback
 from .layers import as_feature_maps, check_layer, default_layer
 from .lowering import lower_graph
+from .opset import fit_opset
+from .precision import HALF
 from .prepare import (
     LOGITS,
     ONEHOT,
@@ -41,13 +44,17 @@ class EngineSessions:
     _weights = None
     _forward_session = None
 
-    def session(self, graph):
-        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
-        them in the process; onnxattr.graph.weights)."""
+    def shared_weights(self):
+        """The model's SharedWeights (onnxattr.graph.weights), made once."""
         if self._weights is None:
             self._weights = SharedWeights(self.classifier.proto)
+        return self._weights
+
+    def session(self, graph):
+        """A SessionPool for `graph` whose sessions share the model's weights (one copy of
+        them in the process)."""
         return SessionPool(graph, self.device, self.threads, self.precision, self.workers,
-                           self.classifier.batch, self._weights)
+                           self.classifier.batch, self.shared_weights())
 
     def open(self):
         """Open the forward session now, so a model onnxruntime cannot load fails before any
@@ -82,12 +89,28 @@ class AttributionEngine(EngineSessions):
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
         self._last_forward = (None, None)
         self._gradient_sessions = {}
+        self._light = None
 
     def forward_graph(self, builder="native", layer=None):
         """The prepared forward graph (outputs prob, logits, and `layer` when given) with
         `builder`'s forward fixes: made anew at each call, not kept (it holds a copy of the
-        weights; the sessions share one, onnxattr.graph.weights)."""
-        return prepare_forward(self.classifier, FORWARD_FIXES[builder], [layer] if layer else [])
+        weights; the sessions share one, onnxattr.graph.weights). For the native builder it
+        is made from the model with its large weights as references to the shared arrays (no
+        copy of them per graph) unless preparing it reads them (an opset conversion, float16
+        weights)."""
+        classifier = self._light_classifier() if builder == "native" else self.classifier
+        return prepare_forward(classifier, FORWARD_FIXES[builder], [layer] if layer else [])
+
+    def _light_classifier(self):
+        """The classifier whose proto references the shared weights, where that is safe to
+        prepare (see forward_graph), else the classifier itself; made once."""
+        if self._light is None:
+            proto = self.classifier.proto
+            full = fit_opset(proto) is not proto or any(
+                t.data_type in HALF for t in proto.graph.initializer)
+            self._light = self.classifier if full else replace(
+                self.classifier, proto=self.shared_weights().strip(proto)[0])
+        return self._light
 
     def forward_model(self):
         """The graph of the forward session (EngineSessions)."""
@@ -138,13 +161,19 @@ class AttributionEngine(EngineSessions):
 
     def built_graph(self, builder, rule, score, layer=None):
         """The runnable gradient graph of one builder (from the cache, or built now). The
-        cache key has the layer only when there is one, so image gradients keep their keys."""
-        return self.cache.get_or_build(lambda: self._build(builder, rule, score, layer),
-                                       self.classifier.digest, builder=builder, rule=rule,
-                                       score=score, **({"layer": layer} if layer else {}))
+        cache key has the layer only when there is one, so image gradients keep their keys.
+        The native builder's graphs reference the shared weights instead of holding them (a
+        cache entry of a few kilobytes; SharedWeights.repoint)."""
+        graph = self.cache.get_or_build(lambda: self._build(builder, rule, score, layer),
+                                        self.classifier.digest, builder=builder, rule=rule,
+                                        score=score, **({"layer": layer} if layer else {}))
+        return self.shared_weights().repoint(graph)
 
     def _build(self, builder, rule, score, layer):
-        scored = add_score_head(self.forward_graph(builder, layer), score)
+        forward = self.forward_graph(builder, layer)
+        if builder == "native":  # it needs the weights' shapes only
+            forward = self.shared_weights().strip(forward)[0]
+        scored = add_score_head(forward, score)
         graph = BUILDERS[builder](scored, layer or self.classifier.input_name, rule)
         if builder != "onnxruntime":
             return graph

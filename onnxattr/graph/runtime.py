@@ -13,6 +13,7 @@ shape change on an H200 where a repeated call takes 3 ms); batched runs also kee
 session by padding the last chunk (SessionPool).
 """
 
+import functools
 import os
 import sys
 import tempfile
@@ -90,6 +91,9 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
     # memory at 0.98-1.03x the time; without the memory arena it is 1.3-1.5x slower and no
     # smaller (scripts/bench_session_options.py, two runs)
     options.enable_mem_pattern = False
+    if device == "cpu":
+        _register_shared_arena(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
@@ -104,6 +108,18 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
         raise OnnxAttrError(f"{PROVIDERS[device]} failed to load (CUDA or cuDNN libraries "
                             "missing?); refusing to run on CPU instead")
     return session
+
+
+@functools.cache
+def _register_shared_arena(ort):
+    """One CPU memory arena for every session of the process (onnxruntime's environment
+    allocator, used by sessions with `session.use_env_allocators`). Each session had its own,
+    which keeps its largest run's activations: graphs x sessions x methods accumulated them
+    (VGG11-BN: a worker session of integrated gradients kept 1 GB after a run of 16 rows, with
+    the arena off too; docs/scale.md)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def disabled_optimizers(model):

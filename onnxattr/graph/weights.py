@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import OnnxAttrError
+
 MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"  # onnxruntime: external data at a memory address (offset)
 MIN_SHARED_BYTES = 16 * 1024  # smaller initializers stay in the graphs
 
@@ -80,6 +82,26 @@ class SharedWeights:
             else:
                 graph.initializer.add().CopyFrom(tensor)
         return full
+
+    def repoint(self, model):
+        """`model` (changed in place) with its references to shared data pointed at this
+        process's arrays: a graph from the cache was written by another process, a swapped
+        one (onnxattr.graph.randomize) built on another model's arrays. A reference to no
+        shared array of its name, shape and type is an OnnxAttrError."""
+        for tensor in model.graph.initializer:
+            entries = {e.key: e for e in tensor.external_data}
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or \
+                    entries.get("location", onnx.StringStringEntryProto()).value != MEMORY_TAG:
+                continue
+            array = self.arrays.get(tensor.name)
+            if array is None or tuple(tensor.dims) != array.shape or \
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) != array.dtype or \
+                    not {"offset", "length"} <= entries.keys():
+                raise OnnxAttrError(f"a graph references weights '{tensor.name}' that the model "
+                                    "does not have")
+            entries["offset"].value, entries["length"].value = str(array.ctypes.data), str(
+                array.nbytes)
+        return model
 
     def _kind(self, tensor):
         """"equal" for an initializer with a shared one's data, "reference" for one that

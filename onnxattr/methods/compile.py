@@ -60,7 +60,8 @@ def compile_model(model, method="gradient", score=PROB, output=None, cache_dir=N
         raise OnnxAttrError(f"{model} is already a compiled attribution model "
                             f"(method {classifier.compiled['method']})")
     engine = AttributionEngine(classifier, cache=GraphCache(cache_dir), builder=builder)
-    graph = lower_graph(engine.gradient_graph(rule, score, portable=True))
+    graph = lower_graph(engine.shared_weights().restore(
+        engine.gradient_graph(rule, score, portable=True)))  # the weights in the file
     compiled = _attribution_model(graph, classifier, method, score)
     if output is not None:
         with atomic_path(output) as tmp:
