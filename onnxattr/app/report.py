@@ -33,7 +33,7 @@ from ..io.files import WriteError, atomic_path, folder_lock, remove_temporaries
 from ..io.path_list import is_path_list, read_path_list
 from ..methods.figures import RenderOptions
 from ..methods.table import METHODS, get_method
-from . import faithfulness, ray_audit
+from . import faithfulness
 from .image_audit import audit_image, image_key
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -132,7 +132,7 @@ def run_audit(explainer, paths, methods, out_dir, options=None, target=None, sco
     if engine not in ENGINES:
         raise OnnxAttrError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
     if engine == "ray":
-        ray_audit.require_ray()
+        _ray_audit().require_ray()
     options = (options or RenderOptions()).check()
     target_index = None if target is None else explainer.target_index(target)
     files = collect_inputs(paths, exclude=out_dir)
@@ -192,12 +192,19 @@ def _audit_files(explainer, files, out_dir, job, summary, kept, resume, advance,
         for path, key in todo:
             record({key: audit_image(explainer, path, key, out_dir=out_dir, advance=advance, **job)})
     elif todo:
-        for batch in ray_audit.audit_batches(explainer, todo, out_dir, job, address, workers):
+        for batch in _ray_audit().audit_batches(explainer, todo, out_dir, job, address, workers):
             advance(len(methods) * len(batch))
             record(batch)
     record({}, final=True)
     if engine == "ray":
-        ray_audit.write_parquet(out_dir, summary)
+        _ray_audit().write_parquet(out_dir, summary)
+
+
+def _ray_audit():
+    """app/ray_audit.py, imported when an audit runs on Ray: Ray and pyarrow cost a second and
+    100 MB of memory that `import onnxattr` and the local audit should not pay."""
+    from . import ray_audit
+    return ray_audit
 
 
 def _kept(done):

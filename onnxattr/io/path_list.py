@@ -9,11 +9,6 @@ from pathlib import Path
 
 from ..errors import OnnxAttrError
 
-try:
-    import pyarrow.parquet as parquet
-except ImportError:  # optional: only a Parquet list needs it
-    parquet = None
-
 LIST_SUFFIXES = {".csv", ".parquet"}
 COLUMN = "path"
 
@@ -36,15 +31,23 @@ def read_path_list(path):
                 raise KeyError(COLUMN)
             values = [row[COLUMN] for row in rows]
         else:
-            if parquet is None:
-                raise OnnxAttrError(f"{path}: reading a Parquet list needs pyarrow: "
-                                    "pip install 'onnxattr[ray]' (or pyarrow)")
-            table = parquet.read_table(path)
-            if COLUMN not in table.column_names:
-                raise KeyError(COLUMN)
-            values = table.column(COLUMN).to_pylist()
+            values = _parquet_column(path)
     except KeyError:
         raise OnnxAttrError(f"{path}: no '{COLUMN}' column (a list of images needs one)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise OnnxAttrError(f"{path}: cannot read the list of images ({err})") from None
     return [path.parent / value for value in values if value]
+
+
+def _parquet_column(path):
+    """The `path` column of a Parquet file (KeyError without one). pyarrow is imported here,
+    when a Parquet list is read, not with the package (it weighs 60 MB)."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise OnnxAttrError(f"{path}: reading a Parquet list needs pyarrow: "
+                            "pip install 'onnxattr[ray]' (or pyarrow)") from None
+    table = parquet.read_table(path)
+    if COLUMN not in table.column_names:
+        raise KeyError(COLUMN)
+    return table.column(COLUMN).to_pylist()
