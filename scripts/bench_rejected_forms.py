@@ -395,17 +395,23 @@ def merged_pointwise_adjoints(graph):
     return merged
 
 
-def bench_sums(args):
+def googlenet_gradient(args, builder="auto"):
+    """GoogLeNet's gradient graph of `builder` with its own weights, and its feeds (the sample
+    photo, class 0)."""
     from onnxattr import Explainer
     from onnxattr.graph.prepare import ONEHOT
 
-    explainer = Explainer(args.googlenet, builder="native", threads=args.threads)
+    explainer = Explainer(args.googlenet, builder=builder, threads=args.threads)
     engine = explainer.engine
-    graph = engine.shared_weights().restore(engine.gradient_graph())  # its own weights
+    graph = engine.shared_weights().restore(engine.gradient_graph())
     onehot = np.zeros((1, engine.classifier.num_classes), np.float32)
     onehot[0, 0] = 1.0
-    feeds = {engine.classifier.input_name: explainer.pixels([REPO / "samples" / "chelsea.png"]),
-             ONEHOT: onehot}
+    return graph, {engine.classifier.input_name:
+                   explainer.pixels([REPO / "samples" / "chelsea.png"]), ONEHOT: onehot}
+
+
+def bench_sums(args):
+    graph, feeds = googlenet_gradient(args, "native")
     race("GoogLeNet gradient graph (native builder)",
          {"n-ary Sums (kept)": graph, "chains of binary Adds": chained_adds(graph),
           "sibling 1x1 adjoints merged": merged_pointwise_adjoints(graph)}, feeds, args)
@@ -497,16 +503,7 @@ def gates_before_splits(graph):
 
 
 def bench_layout(args):
-    from onnxattr import Explainer
-    from onnxattr.graph.prepare import ONEHOT
-
-    explainer = Explainer(args.googlenet, threads=args.threads)
-    engine = explainer.engine
-    graph = engine.gradient_graph()
-    onehot = np.zeros((1, engine.classifier.num_classes), np.float32)
-    onehot[0, 0] = 1.0
-    feeds = {engine.classifier.input_name: explainer.pixels([REPO / "samples" / "chelsea.png"]),
-             ONEHOT: onehot}
+    graph, feeds = googlenet_gradient(args)
     race("GoogLeNet gradient graph (the engine's)",
          {"Greater, Cast masks (kept)": graph, "NCHWc depthwise-Conv masks": nchwc_masks(graph),
           "gates before the concats' Splits": gates_before_splits(graph)},
