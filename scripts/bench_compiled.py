@@ -77,7 +77,7 @@ def measure(args):
     cached_s = median_time(lambda: compile_model(model, "gradient", "prob", output,
                                              cache_dir=work / "cache"), args.repeats)
     pixels = load_pixels(PHOTO, (224, 224))[None]
-    compiled = make_session(load_model(output).proto, "cpu", args.threads)
+    compiled = make_session(load_model(output).full_proto(), "cpu", args.threads)
     engine = AttributionEngine(load_model(model), "cpu", GraphCache(work / "cache"), args.threads)
     target = np.argmax(engine.forward(pixels)[0], axis=1)
     trained = make_session(engine.shared_weights().restore(engine.gradient_graph()), "cpu",

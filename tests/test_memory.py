@@ -1,6 +1,7 @@
 """Memory: one copy of the model's weights per process, whatever the number of graphs,
-sessions and methods (onnxattr.graph.weights; docs/scale.md)."""
+sessions and methods (onnxattr.io.weights; docs/scale.md)."""
 
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,10 @@ from onnx import helper, numpy_helper
 
 from onnxattr import Explainer
 from onnxattr.errors import OnnxAttrError
-from onnxattr.graph.weights import SharedWeights
+from onnxattr.graph.builders import MemoryCache
+from onnxattr.graph.engine import AttributionEngine
+from onnxattr.io.model import load_model
+from onnxattr.io.weights import SharedWeights
 
 import small_models
 
@@ -56,6 +60,39 @@ def test_weights_are_not_copied_per_graph_and_session(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     growth = float(done.stdout.split()[-1])
     assert growth < 4 * WEIGHT_MB, f"RSS grew by {growth:.0f} MB for {WEIGHT_MB} MB of weights"
+
+
+def test_the_loaded_model_references_the_shared_weights_instead_of_holding_them(tmp_path):
+    """The loaded model's proto is a few kilobytes (it held the 48 MB weight beside the
+    shared arrays); full_proto() gives the model back with its weights."""
+    model = wide_model()
+    classifier = load_model(small_models.save(model, tmp_path / "wide.onnx"))
+    assert classifier.proto.ByteSize() < 2 ** 20
+    full = {t.name: t for t in classifier.full_proto().graph.initializer}
+    for tensor in model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(full[tensor.name]),
+                                      numpy_helper.to_array(tensor))
+
+
+def test_a_pickled_model_references_the_arrays_of_the_process_that_reads_it(tmp_path):
+    """A loaded model sent to another process gets its references pointed at the arrays
+    unpickled there (they pointed at the sender's memory)."""
+    classifier = load_model(small_models.save(wide_model(), tmp_path / "wide.onnx"))
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 3, 32, 32)).astype(np.float32)
+    want = AttributionEngine(classifier, cache=MemoryCache()).forward(pixels)[1]
+    script = textwrap.dedent(f"""
+        import pickle, sys
+        import numpy as np
+        from onnxattr.graph.builders import MemoryCache
+        from onnxattr.graph.engine import AttributionEngine
+        classifier, pixels = pickle.loads(sys.stdin.buffer.read())
+        np.save({str(tmp_path / "got.npy")!r},
+                AttributionEngine(classifier, cache=MemoryCache()).forward(pixels)[1])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((classifier, pixels)),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "got.npy"), want)
 
 
 def test_cache_entries_reference_the_weights_and_another_engine_reads_them(tmp_path):

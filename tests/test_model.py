@@ -162,13 +162,13 @@ def test_external_data_is_checked_against_every_tensor_offset_and_length(tmp_pat
 def test_external_data_inside_the_folder_loads(tmp_path):
     path = external_model(tmp_path / "models")
     want = load_model(small_models.save(labelled(small_models.conv_relu_maxpool_lrn()),
-                                        tmp_path / "inline.onnx")).proto.graph.initializer
+                                        tmp_path / "inline.onnx")).full_proto().graph.initializer
     (path.parent / "sub").mkdir()
     (path.parent / "m.weights").rename(path.parent / "sub" / "w")
     (path.parent / "link").symlink_to("sub/w")  # a symlink that stays inside is followed
     for location in ("sub/w", "link", "./sub/../link"):
         relocate(path, location)
-        got = load_model(path).proto.graph.initializer
+        got = load_model(path).full_proto().graph.initializer
         assert [t.name for t in got] == [t.name for t in want]
         for g, w in zip(got, want):
             assert not g.external_data

@@ -141,7 +141,7 @@ def run_sanity(model, image, methods=("gradient",), mode="both", seeds=1, seed=0
                 chosen = list(range(step + 1)) if md == "cascading" else [step]
                 randomized = randomize_proto(explainer.classifier.proto,
                                              [layers[i] for i in chosen], current_seed,
-                                             distribution, chosen)
+                                             distribution, chosen, explainer.classifier.weights)
                 tag = f"{distribution}|seed={current_seed}|{md}|step={step}"
                 engine = randomized_engine(run.base, randomized, tag, swap, run.originals)
                 for m, values in run.compare(engine).items():

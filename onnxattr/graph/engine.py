@@ -11,7 +11,6 @@ batch 10) where the lowering rules allow, else on the training kernels.
 """
 
 import hashlib
-from dataclasses import replace
 
 import numpy as np
 
@@ -19,8 +18,6 @@ from ..errors import OnnxAttrError
 from .builders import BUILDERS, FORWARD_FIXES, GraphCache, candidates, check_builder, note_fallback
 from .layers import as_feature_maps, check_layer, default_layer
 from .lowering import lower_graph
-from .opset import fit_opset
-from .precision import HALF
 from .prepare import (
     LOGITS,
     ONEHOT,
@@ -33,7 +30,6 @@ from .prepare import (
 )
 from .relu_rules import VANILLA
 from .runtime import SessionPool
-from .weights import SharedWeights
 
 
 class EngineSessions:
@@ -41,14 +37,11 @@ class EngineSessions:
     sessions whose graphs share the model's weights, and the forward session, opened once. An
     engine sets classifier, device, threads, precision and workers, and has forward_model()."""
 
-    _weights = None
     _forward_session = None
 
     def shared_weights(self):
-        """The model's SharedWeights (onnxattr.graph.weights), made once."""
-        if self._weights is None:
-            self._weights = SharedWeights(self.classifier.proto)
-        return self._weights
+        """The model's SharedWeights (onnxattr.io.weights), which its proto references."""
+        return self.classifier.weights
 
     def session(self, graph):
         """A SessionPool for `graph` whose sessions share the model's weights (one copy of
@@ -89,28 +82,15 @@ class AttributionEngine(EngineSessions):
         self._layers = {}  # a layer asked for (None: the default) -> the checked layer name
         self._last_forward = (None, None)
         self._gradient_sessions = {}
-        self._light = None
 
     def forward_graph(self, builder="native", layer=None):
         """The prepared forward graph (outputs prob, logits, and `layer` when given) with
         `builder`'s forward fixes: made anew at each call, not kept (it holds a copy of the
-        weights; the sessions share one, onnxattr.graph.weights). For the native builder it
-        is made from the model with its large weights as references to the shared arrays (no
-        copy of them per graph) unless preparing it reads them (an opset conversion, float16
-        weights)."""
-        classifier = self._light_classifier() if builder == "native" else self.classifier
-        return prepare_forward(classifier, FORWARD_FIXES[builder], [layer] if layer else [])
-
-    def _light_classifier(self):
-        """The classifier whose proto references the shared weights, where that is safe to
-        prepare (see forward_graph), else the classifier itself; made once."""
-        if self._light is None:
-            proto = self.classifier.proto
-            full = fit_opset(proto) is not proto or any(
-                t.data_type in HALF for t in proto.graph.initializer)
-            self._light = self.classifier if full else replace(
-                self.classifier, proto=self.shared_weights().strip(proto)[0])
-        return self._light
+        weights; the sessions share one, onnxattr.io.weights). For the native builder it
+        keeps the model's references to the shared arrays (no copy of them per graph) unless
+        preparing it reads them (an opset conversion, float16 weights: prepare_forward)."""
+        return prepare_forward(self.classifier, FORWARD_FIXES[builder], [layer] if layer else [],
+                               references=builder == "native")
 
     def forward_model(self):
         """The graph of the forward session (EngineSessions)."""

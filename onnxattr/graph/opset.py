@@ -19,7 +19,7 @@ import onnx.version_converter
 from ..errors import OnnxAttrError
 from ..io.model import default_opset
 from .runtime import onnxruntime
-from .toolkit import MAX_IR_VERSION, at_least_opset
+from .toolkit import MAX_IR_VERSION, MIN_OPSET, at_least_opset
 
 MAX_OPSET = 21  # the newest default-domain opset onnxruntime-training 1.19.2 runs
 # the first stock onnxruntime that runs opset 23 (its release notes: ONNX 1.18 support)
@@ -50,6 +50,13 @@ def fit_opset(model):
         converted.ir_version = MAX_IR_VERSION
         model = converted
     return model
+
+
+def converts(model):
+    """Whether fit_opset converts `model` with onnx's version converter (which reads its
+    weights: a model whose weights are references is restored first)."""
+    opset = default_opset(model)
+    return 0 < opset < MIN_OPSET or opset > MAX_OPSET
 
 
 def _runtime_version():

@@ -27,8 +27,8 @@ from ..errors import OnnxAttrError
 from ..io.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST
 from ..io.model import PIXEL_RANGE
 from .backward_forms import channel_window_weights, explicit_pads
-from .opset import fit_opset
-from .precision import to_float32
+from .opset import converts, fit_opset
+from .precision import HALF, to_float32
 from .relu_rules import replaces
 from .static_if import fold_static_ifs
 from .toolkit import GraphEditor, attribute, copy_model, default_opset
@@ -255,7 +255,7 @@ TRAINING_FIXES = {"AveragePool": _fix_average_pool, "Dropout": _fix_dropout, "LR
 # --- the prepared forward graph ------------------------------------------------------------------
 
 
-def prepare_forward(classifier, fixes=None, outputs=()):
+def prepare_forward(classifier, fixes=None, outputs=(), references=False):
     """A copy of the classifier's graph (at opset 17 to 21 where it converts: opset.fit_opset)
     with the pixel contract in front, the `fixes` (an op -> rule table such as TRAINING_FIXES)
     applied, and outputs exactly `prob` and `logits`, then the intermediate tensors named in
@@ -264,8 +264,18 @@ def prepare_forward(classifier, fixes=None, outputs=()):
     The forward outputs are unchanged (tests check this); unused initializers are kept. The
     extra outputs are outputs while the fixes run, so no fix changes what they hold (a Conv
     whose output is a graph output keeps its BatchNormalization unfolded).
+
+    The graph has the model's weights, or with `references` (for `fixes` that read no large
+    weight) the references to them of the classifier's proto (onnxattr.io.weights) where
+    preparing reads none: no opset conversion, no float16 weights.
     """
-    model = copy_model(fit_opset(classifier.proto))
+    proto = classifier.proto
+    if not references or converts(proto) or any(t.data_type in HALF
+                                                for t in proto.graph.initializer):
+        proto = classifier.full_proto()
+    model = fit_opset(proto)
+    if model is classifier.proto:
+        model = copy_model(model)
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     fold_static_ifs(model)

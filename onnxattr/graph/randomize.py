@@ -182,13 +182,15 @@ def random_parameters(layer, initializers, seed, index, distribution="own-std"):
     return values
 
 
-def randomize_proto(proto, layers, seed, distribution="own-std", indices=None):
-    """A copy of `proto` with `layers` randomized. `indices`: each layer's index in the model's
-    full layer list (its random stream); default 0, 1, ... in the order given."""
+def randomize_proto(proto, layers, seed, distribution="own-std", indices=None, weights=None):
+    """A copy of `proto` with `layers` randomized (their initializers with their data; the
+    others as they are). `indices`: each layer's index in the model's full layer list (its
+    random stream); default 0, 1, ... in the order given. `weights`: the SharedWeights that
+    `proto` references (onnxattr.io.weights: a ClassifierModel's proto and weights)."""
     indices = range(len(layers)) if indices is None else indices
     names = {n for layer in layers for n in (*layer.weights, *layer.biases, *layer.affine)}
-    trained = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
-               if t.name in names}
+    read = numpy_helper.to_array if weights is None else weights.array
+    trained = {t.name: read(t) for t in proto.graph.initializer if t.name in names}
     values = {}
     for layer, index in zip(layers, indices):
         values.update(random_parameters(layer, trained, seed, index, distribution))

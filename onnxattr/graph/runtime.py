@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import OnnxAttrError
+from ..io.weights import loads_references
 from .control_flow import CONTROL_FLOW
-from .weights import loads_references
 
 _HIDE_TORCH = "torch" not in sys.modules
 if _HIDE_TORCH:
@@ -81,7 +81,7 @@ def make_session(model, device="cpu", threads=None, precision="float32", profile
                  weights=None):
     """An InferenceSession for `model` (ModelProto) on `device`; CUDA never silently falls back.
     `profile_prefix`: onnxruntime's profiling on, its JSON file named so
-    (scripts/profile_gradient.py). `weights`: the model's SharedWeights (onnxattr.graph.weights),
+    (scripts/profile_gradient.py). `weights`: the model's SharedWeights (onnxattr.io.weights),
     which the session reads in place instead of copying them."""
     ort = _require_onnxruntime()
     providers = provider_options(device, precision)

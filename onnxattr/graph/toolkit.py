@@ -15,9 +15,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import OnnxAttrError
 from ..io.model import STANDARD_DOMAINS, default_opset
+from ..io.weights import without_data
 from .control_flow import reads
 from .runtime import make_session, onnxruntime
-from .weights import without_data
 
 MAX_IR_VERSION = 10  # the newest IR version every runtime we target loads (ORT-training 1.19.2)
 # The oldest default-domain opset of the graphs onnxattr writes: ScatterElements with reduction

@@ -20,6 +20,7 @@ from ..errors import OnnxAttrError
 from .labels import read_labels
 from .layout import channels_first_dims, parse_channel_order, parse_layout, resolve_layout
 from .quantized import producer_through_qdq, refuse_integer_operators
+from .weights import SharedWeights
 
 LABELS_KEY = "onnxattr.labels"
 CONTRACT_KEY = "onnxattr.input"
@@ -149,7 +150,9 @@ def parse_numbers(text, what):
 class ClassifierModel:
     """An ONNX classifier and the facts the engine needs about it."""
 
-    proto: onnx.ModelProto  # with its external data loaded
+    # with its external data read, its initializers of 16 KiB and more as references to
+    # `weights` (onnxattr.io.weights): full_proto() has their data
+    proto: onnx.ModelProto
     digest: str  # sha256 of the model file (and its external data): the key of all built from it
     input_name: str
     channels: int
@@ -167,6 +170,20 @@ class ClassifierModel:
     # the image input's own layout: "NCHW", or "NHWC" (channels-last; channels, height and
     # width above are still C, H, W, and the prepared graph takes [N, C, H, W])
     layout: str = "NCHW"
+    weights: SharedWeights | None = None  # None: made from `proto`, which then references them
+
+    def __post_init__(self):
+        if self.weights is None:
+            self.weights, self.proto = SharedWeights.load(self.proto)
+
+    def __setstate__(self, state):  # unpickled: its arrays lie elsewhere in this process
+        self.__dict__.update(state)
+        self.weights.repoint(self.proto)
+
+    def full_proto(self):
+        """A copy of the model with its weights' data in place of the references, for what
+        reads weights (opset and float16 conversions, the training builder, compile)."""
+        return self.weights.restore(self.proto)
 
     @property
     def opset(self):
@@ -225,13 +242,14 @@ def load_model(path, layout=None, output=None):
         data = path.read_bytes()
     except OSError as err:
         raise OnnxAttrError(f"cannot read model file {path}: {err.strerror}") from None
+    digest = hashlib.sha256(data)
     try:
         proto = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as err:
         raise OnnxAttrError(f"{path} is not an ONNX model ({type(err).__name__})") from None
+    del data  # the file's bytes go before the weights are copied into shared arrays
     if not proto.graph.node:
         raise OnnxAttrError(f"{path} is not an ONNX model (no graph nodes)")
-    digest = hashlib.sha256(data)
     for file, extents in _external_data(path, proto).items():
         try:
             with open(file, "rb") as stream:

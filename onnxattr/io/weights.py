@@ -7,8 +7,10 @@ peaked at 13.6 GB for gradient, guided backprop and integrated gradients. `Share
 holds the model's large initializers once, as arrays that onnxruntime reads in place
 (SessionOptions.add_initializer); `strip` replaces them in a graph by references to those
 arrays (onnxruntime's in-memory external data, `MEMORY_TAG`), so a graph kept for its sessions
-is a few kilobytes. Only an initializer equal to the model's (same name, type, shape and
-bytes) is shared: a weight a forward fix rewrote keeps its own data.
+is a few kilobytes. The loaded model itself (onnxattr.io.model.ClassifierModel) keeps such
+references only: what reads weights restores them (`restore`, `array`). Only an initializer
+equal to the model's (same name, type, shape and bytes) is shared: a weight a forward fix
+rewrote keeps its own data.
 
 Sessions made with shared weights have prepacking off (its copies are per session);
 onnxruntime's NCHWc layout still keeps a reordered copy of each Conv weight per session.
@@ -40,6 +42,9 @@ class SharedWeights:
                 self.arrays[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
         self._values = None
 
+    def __getstate__(self):  # pickled without the OrtValues, made again where unpickled
+        return {**self.__dict__, "_values": None}
+
     def ort_values(self, ort):
         """{name: OrtValue over the array} (made once; onnxruntime `ort`'s OrtValue)."""
         if self._values is None:
@@ -56,6 +61,19 @@ class SharedWeights:
         names = [t.name for t, kind in zip(model.graph.initializer, kinds) if kind]
         if "equal" not in kinds:
             return model, names
+        return self._referencing(model, kinds), names
+
+    @classmethod
+    def load(cls, proto):
+        """(the SharedWeights of `proto`, a copy of `proto` that references them): the process
+        then holds the weights once, once `proto` goes (onnxattr.io.model.ClassifierModel). The
+        arrays are made from `proto`, so no initializer is compared with its array."""
+        weights = cls(proto)
+        kinds = ["equal" if t.name in weights.arrays else None for t in proto.graph.initializer]
+        return weights, weights._referencing(proto, kinds)
+
+    def _referencing(self, model, kinds):
+        """A copy of `model` whose initializers of kind "equal" reference the shared arrays."""
         stripped = _copy_fields(model, onnx.ModelProto(), skip="graph")
         graph = _copy_fields(model.graph, stripped.graph, skip="initializer")
         for tensor, kind in zip(model.graph.initializer, kinds):
@@ -68,11 +86,11 @@ class SharedWeights:
                 onnx.StringStringEntryProto(key=key, value=str(value)) for key, value in (
                     ("location", MEMORY_TAG), ("offset", array.ctypes.data),
                     ("length", array.nbytes)))
-        return stripped, names
+        return stripped
 
     def restore(self, model):
-        """A copy of `model` with the shared data back in place of its references (for an
-        onnxruntime that refuses them: see loads_references)."""
+        """A copy of `model` with the shared data back in place of its references (for what
+        reads weights, and an onnxruntime that refuses references: see loads_references)."""
         full = _copy_fields(model, onnx.ModelProto(), skip="graph")
         graph = _copy_fields(model.graph, full.graph, skip="initializer")
         for tensor in model.graph.initializer:
@@ -82,6 +100,13 @@ class SharedWeights:
             else:
                 graph.initializer.add().CopyFrom(tensor)
         return full
+
+    def array(self, tensor):
+        """The values of initializer `tensor`: its shared array when it references one (the
+        array itself: read only), else its own data."""
+        referenced = tensor.data_location == onnx.TensorProto.EXTERNAL and \
+            self._kind(tensor) == "reference"
+        return self.arrays[tensor.name] if referenced else numpy_helper.to_array(tensor)
 
     def repoint(self, model):
         """`model` (changed in place) with its references to shared data pointed at this
