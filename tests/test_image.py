@@ -476,3 +476,18 @@ def test_bad_file_through_load_pixels(tmp_path):
     path.write_bytes(io.BytesIO(b"junk" * 10).getvalue())
     with pytest.raises(OnnxAttrError, match="not an image"):
         load_pixels(path, (8, 8))
+
+
+def test_a_uri_is_read_through_pyarrow(tmp_path):
+    """s3://, gs://, file://... (io/remote.py): the same image as the path; what cannot be read
+    is one line naming the URI."""
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(path)
+    assert np.array_equal(np.asarray(load_image(path.as_uri())), np.asarray(load_image(path)))
+    for uri, problem in ((tmp_path.as_uri() + "/missing.png", "not found"),
+                         (tmp_path.as_uri(), "is not a file"),
+                         ("nosuch://bucket/a.png", "cannot read")):
+        with pytest.raises(OnnxAttrError, match=problem) as err:
+            load_image(uri)
+        assert str(err.value).startswith(uri) and "\n" not in str(err.value)

@@ -182,6 +182,26 @@ def test_same_stems_in_different_folders_do_not_collide(small_classifier):
         assert np.array_equal(saved, explainer.explain(source).attribution)
 
 
+def test_a_list_of_uris_is_audited_through_pyarrow(small_classifier):
+    """A CSV list may name images by URI (here file://, read by pyarrow's filesystems as s3://
+    or gs:// would be): audited like the same files named by path, keyed on the URI; a URI that
+    names nothing is a failed entry with its one-line reason."""
+    pytest.importorskip("pyarrow")
+    tmp_path, model, _ = small_classifier
+    photo = random_photo(tmp_path / "cat.png", seed=1)
+    missing = (tmp_path / "gone.png").as_uri()
+    (tmp_path / "list.csv").write_text(f"path\n{photo.as_uri()}\ncat.png\n{missing}\n")
+    assert collect_inputs([tmp_path / "list.csv"]) == [photo.as_uri(), photo, missing]
+    explainer = Explainer(model, cache_dir=tmp_path / "cache")
+    summary = run_audit(explainer, [tmp_path / "list.csv"], ["gradient"], tmp_path / "out")
+    by_uri, by_path, gone = summary["images"]
+    assert by_uri["file"] == photo.as_uri() and by_uri["key"] != by_path["key"]
+    assert by_uri["status"] == by_path["status"] == "done"
+    assert np.array_equal(*(np.load(tmp_path / "out" / e["methods"]["gradient"]["npy"])
+                            for e in (by_uri, by_path)))
+    assert gone["status"] == "failed" and gone["error"] == f"{missing}: not found"
+
+
 def test_resume_skips_done_images_and_redoes_the_rest(small_classifier, monkeypatch):
     tmp_path, model, _ = small_classifier
     photos = tmp_path / "photos"

@@ -21,10 +21,12 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 # the allowed function-local imports: onnxruntime under a hidden torch (runtime.py), and fcntl
 # where the audit's folder lock is taken (files.py: POSIX only, so the package imports anywhere),
-# the Ray engine when an audit asks for it (report.py) and pyarrow when a Parquet list is read
-# (path_list.py): `import onnxattr` stays without Ray and pyarrow's 100 MB (test below)
+# the Ray engine when an audit asks for it (report.py) and pyarrow when a Parquet list
+# (path_list.py) or a URI (remote.py) is read: `import onnxattr` stays without Ray and
+# pyarrow's 100 MB (test below)
 LOCAL_IMPORTS_ALLOWED = {("runtime.py", "onnxruntime"), ("files.py", "fcntl"),
-                         ("report.py", "ray_audit"), ("path_list.py", "pyarrow.parquet")}
+                         ("report.py", "ray_audit"), ("path_list.py", "pyarrow.parquet"),
+                         ("remote.py", "pyarrow.fs")}
 
 
 def modules():

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import OnnxAttrError
 from ..io.files import WriteError
 from ..io.image import load_image
+from ..io.remote import is_uri
 from ..methods.figures import write_figures
 from . import faithfulness
 
@@ -19,9 +20,11 @@ TOP = 5
 
 
 def image_key(path):
-    """Folder name for one input: its stem (made file-name safe) and 8 hex digits of its path."""
+    """Folder name for one input: its stem (made file-name safe) and 8 hex digits of its
+    absolute path (of a URI: the URI)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._")[:60] or "image"
-    digest = hashlib.sha1(str(Path(path).resolve()).encode("utf-8", "surrogatepass")).hexdigest()
+    name = path if is_uri(path) else str(Path(path).resolve())
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{stem}-{digest[:8]}"
 
 

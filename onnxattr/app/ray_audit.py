@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import OnnxAttrError
 from ..io.files import WriteError, atomic_path
+from ..io.remote import as_input
 from ..methods.explainer import Explainer
 from .image_audit import audit_image
 
@@ -66,7 +67,7 @@ class AuditWorker:
         for path, key in zip(batch["path"], batch["key"]):
             _fault_for_tests()
             try:
-                entry = audit_image(self.explainer, Path(str(path)), str(key),
+                entry = audit_image(self.explainer, as_input(str(path)), str(key),
                                     out_dir=self.out_dir, advance=lambda n: None, **self.job)
             except WriteError as err:  # a full disk: the driver stops the audit with this line
                 entry = {WRITE_ERROR: str(err)}

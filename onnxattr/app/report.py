@@ -31,6 +31,7 @@ from .._version import __version__
 from ..errors import OnnxAttrError
 from ..io.files import WriteError, atomic_path, folder_lock, remove_temporaries
 from ..io.path_list import is_path_list, read_path_list
+from ..io.remote import as_input, is_uri
 from ..methods.figures import RenderOptions
 from ..methods.table import METHODS, get_method
 from . import faithfulness
@@ -68,7 +69,8 @@ def parse_methods(text):
 def collect_inputs(paths, exclude=None):
     """The files to audit, in order, each once: folders are searched recursively for image files
     (by extension, hidden files skipped); a quoted glob ("photos/*.jpg") is expanded; a .csv or
-    .parquet file is a list of images (its `path` column, io/path_list.py); other files named
+    .parquet file is a list of images (its `path` column, io/path_list.py); a URI (s3://...,
+    io/remote.py) is taken as it is, read when its turn comes; other files named
     explicitly are taken whatever their extension (so a wrong file is tried and recorded as
     failed); missing paths are kept (they fail). Files under `exclude` (the output folder) are
     left out."""
@@ -76,14 +78,15 @@ def collect_inputs(paths, exclude=None):
     found, seen = [], set()
 
     def add(path):
-        resolved = path.resolve()
-        if resolved in seen or (exclude is not None and resolved.is_relative_to(exclude)):
+        resolved = path if is_uri(path) else path.resolve()
+        if resolved in seen or (exclude is not None and not is_uri(path)
+                                and resolved.is_relative_to(exclude)):
             return
         seen.add(resolved)
         found.append(path)
 
-    for path in _expanded(map(Path, paths)):
-        if path.is_dir():
+    for path in _expanded(map(as_input, paths)):
+        if not is_uri(path) and path.is_dir():
             for child in sorted(path.rglob("*")):
                 relative = child.relative_to(path).parts
                 if (child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()
@@ -97,7 +100,9 @@ def collect_inputs(paths, exclude=None):
 def _expanded(paths):
     """Each path, a glob that names no file as its matches, a list file as its paths."""
     for path in paths:
-        if not path.exists() and glob.has_magic(str(path)):
+        if is_uri(path):
+            yield path
+        elif not path.exists() and glob.has_magic(str(path)):
             yield from map(Path, sorted(glob.glob(str(path), recursive=True)))
         elif is_path_list(path) and path.is_file():
             yield from read_path_list(path)

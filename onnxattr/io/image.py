@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import OnnxAttrError
+from .remote import is_uri, open_uri
 
 # Largest image accepted, in pixels. 80 megapixels covers every common camera (full-frame
 # sensors top out near 61 MP) and keeps the decoded RGB image near 240 MB. It is kept below
@@ -40,7 +41,8 @@ _HIGH_DEPTH_TOPS = {
 
 
 def load_image(source):
-    """Return `source` (a file path, PIL image or uint8 array) as a fully decoded RGB PIL image.
+    """Return `source` (a file path or URI, PIL image or uint8 array) as a fully decoded RGB PIL
+    image.
 
     Files: first frame, EXIF orientation applied. Arrays: (H, W) gray, (H, W, 3) RGB or
     (H, W, 4) RGBA, dtype uint8. Transparent images are composited onto white (see `_to_rgb`).
@@ -49,6 +51,8 @@ def load_image(source):
         return _decode(source, "PIL image")
     if isinstance(source, np.ndarray):
         return _from_array(source)
+    if is_uri(source):  # s3://, gs://, file://...: through pyarrow (io/remote.py)
+        return _read_stream(open_uri(source), source)
     if isinstance(source, (str, os.PathLike)):
         return _read_file(Path(source))
     raise OnnxAttrError(
@@ -94,18 +98,23 @@ def _read_file(path):
         fp = path.open("rb")
     except OSError as err:  # permissions, I/O errors
         raise _error(path, f"cannot read file ({err.strerror or err})") from None
+    return _read_stream(fp, path)
+
+
+def _read_stream(fp, name):
+    """Open and decode the image in the binary file object `fp` (closed after), named `name`."""
     with fp:
         try:
             with _bombs_as_errors():
                 image = Image.open(fp, formats=_allowed_formats())
         except Image.UnidentifiedImageError:
-            raise _error(path, "not an image file (format not recognized)") from None
+            raise _error(name, "not an image file (format not recognized)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            _check_pixels(_header_size(fp), path)  # over our own limit: say so in our words
-            raise _decode_error(path, err) from None
+            _check_pixels(_header_size(fp), name)  # over our own limit: say so in our words
+            raise _decode_error(name, err) from None
         except Exception as err:
-            raise _decode_error(path, err) from None
-        return _decode(image, path)
+            raise _decode_error(name, err) from None
+        return _decode(image, name)
 
 
 def _header_size(fp):

@@ -8,6 +8,7 @@ import csv
 from pathlib import Path
 
 from ..errors import OnnxAttrError
+from .remote import is_uri
 
 LIST_SUFFIXES = {".csv", ".parquet"}
 COLUMN = "path"
@@ -20,8 +21,8 @@ def is_path_list(path):
 
 def read_path_list(path):
     """The paths in the `path` column of a CSV or Parquet file, in order; relative paths are
-    relative to the list's folder. OnnxAttrError if the file cannot be read or has no such
-    column."""
+    relative to the list's folder, URIs (s3://..., io/remote.py) stay strings. OnnxAttrError if
+    the file cannot be read or has no such column."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".csv":
@@ -36,7 +37,7 @@ def read_path_list(path):
         raise OnnxAttrError(f"{path}: no '{COLUMN}' column (a list of images needs one)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise OnnxAttrError(f"{path}: cannot read the list of images ({err})") from None
-    return [path.parent / value for value in values if value]
+    return [value if is_uri(value) else path.parent / value for value in values if value]
 
 
 def _parquet_column(path):
