@@ -158,6 +158,7 @@ def observed_shapes(model):
                 probe.graph.output.add().name = name
                 listed.add(name)
     names = [o.name for o in probe.graph.output]
+    _zeros_for_references(probe.graph)
     runs = []
     try:
         session = make_session(probe)
@@ -170,6 +171,19 @@ def observed_shapes(model):
     return {name: [a if a == b else None for a, b in zip(one.shape, two.shape)]
             for name, one, two in zip(names, *runs)
             if isinstance(one, np.ndarray) and one.ndim == two.ndim}
+
+
+def _zeros_for_references(graph):
+    """Each initializer whose data lives elsewhere (references to the shared weights,
+    onnxattr/io/weights.py, which a probe session cannot read) made a ConstantOfShape of zeros
+    of its shape and type, in place: the shapes observed do not depend on the weights' values."""
+    for tensor in [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]:
+        graph.initializer.remove(tensor)
+        dims = numpy_helper.from_array(np.array(tensor.dims, np.int64), f"{tensor.name}/dims")
+        graph.initializer.append(dims)
+        graph.node.insert(0, helper.make_node(
+            "ConstantOfShape", [dims.name], [tensor.name],
+            value=helper.make_tensor("value", tensor.data_type, [1], [0])))
 
 
 def _numpy_type(ort_type):
