@@ -61,7 +61,8 @@ class SharedWeights:
         names = [t.name for t, kind in zip(model.graph.initializer, kinds) if kind]
         if "equal" not in kinds:
             return model, names
-        return self._referencing(model, kinds), names
+        equal = {t.name for t, kind in zip(model.graph.initializer, kinds) if kind == "equal"}
+        return self._referencing(model, equal), names
 
     @classmethod
     def load(cls, proto):
@@ -69,37 +70,29 @@ class SharedWeights:
         then holds the weights once, once `proto` goes (onnxattr.io.model.ClassifierModel). The
         arrays are made from `proto`, so no initializer is compared with its array."""
         weights = cls(proto)
-        kinds = ["equal" if t.name in weights.arrays else None for t in proto.graph.initializer]
-        return weights, weights._referencing(proto, kinds)
+        return weights, weights._referencing(proto, set(weights.arrays))
 
-    def _referencing(self, model, kinds):
-        """A copy of `model` whose initializers of kind "equal" reference the shared arrays."""
-        stripped = _copy_fields(model, onnx.ModelProto(), skip="graph")
-        graph = _copy_fields(model.graph, stripped.graph, skip="initializer")
-        for tensor, kind in zip(model.graph.initializer, kinds):
-            if kind != "equal":
-                graph.initializer.add().CopyFrom(tensor)
-                continue
-            array = self.arrays[tensor.name]
-            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                  data_location=onnx.TensorProto.EXTERNAL).external_data.extend(
+    def _referencing(self, model, names):
+        """A copy of `model` whose initializers named in `names` (each equal to its shared
+        array) reference the shared arrays."""
+        return _with_initializers(model, lambda tensor: self._reference(tensor)
+                                  if tensor.name in names else None)
+
+    def _reference(self, tensor):
+        """`tensor` (name, type, shape) as a reference to its shared array."""
+        array = self.arrays[tensor.name]
+        return onnx.TensorProto(
+            name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+            data_location=onnx.TensorProto.EXTERNAL, external_data=[
                 onnx.StringStringEntryProto(key=key, value=str(value)) for key, value in (
                     ("location", MEMORY_TAG), ("offset", array.ctypes.data),
-                    ("length", array.nbytes)))
-        return stripped
+                    ("length", array.nbytes))])
 
     def restore(self, model):
         """A copy of `model` with the shared data back in place of its references (for what
         reads weights, and an onnxruntime that refuses references: see loads_references)."""
-        full = _copy_fields(model, onnx.ModelProto(), skip="graph")
-        graph = _copy_fields(model.graph, full.graph, skip="initializer")
-        for tensor in model.graph.initializer:
-            if self._kind(tensor) == "reference":
-                graph.initializer.append(numpy_helper.from_array(self.arrays[tensor.name],
-                                                                 tensor.name))
-            else:
-                graph.initializer.add().CopyFrom(tensor)
-        return full
+        return _with_initializers(model, lambda tensor: numpy_helper.from_array(
+            self.arrays[tensor.name], tensor.name) if self._kind(tensor) == "reference" else None)
 
     def array(self, tensor):
         """The values of initializer `tensor`: its shared array when it references one (the
@@ -172,16 +165,28 @@ def without_data(model, min_bytes=MIN_SHARED_BYTES):
     """A copy of `model` whose initializers of `min_bytes` and more keep their name, type and
     shape but not their data (marked external, location "omitted"): enough for shape
     inference, which would otherwise pass the whole model through several copies."""
-    light = _copy_fields(model, onnx.ModelProto(), skip="graph")
-    graph = _copy_fields(model.graph, light.graph, skip="initializer")
-    for tensor in model.graph.initializer:
+    def shape_only(tensor):
         if tensor.data_location == onnx.TensorProto.DEFAULT and _nbytes(tensor) >= min_bytes:
-            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                  data_location=onnx.TensorProto.EXTERNAL).external_data.add(
-                key="location", value="omitted")
-        else:
-            graph.initializer.add().CopyFrom(tensor)
-    return light
+            return onnx.TensorProto(
+                name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                data_location=onnx.TensorProto.EXTERNAL,
+                external_data=[onnx.StringStringEntryProto(key="location", value="omitted")])
+        return None
+
+    return _with_initializers(model, shape_only)
+
+
+def _with_initializers(model, replacement):
+    """A copy of `model` with each initializer replaced by `replacement(tensor)` where that
+    gives one, the others copied as they are. The graph is copied field by field without its
+    initializers, so no weight is copied only to be dropped (a protobuf message frees nothing
+    before it goes: a copied tensor whose data is cleared keeps its bytes)."""
+    copy = _copy_fields(model, onnx.ModelProto(), skip="graph")
+    graph = _copy_fields(model.graph, copy.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        new = replacement(tensor)
+        graph.initializer.append(tensor if new is None else new)
+    return copy
 
 
 def _copy_fields(source, target, skip):
