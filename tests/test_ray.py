@@ -145,6 +145,22 @@ def test_a_worker_that_cannot_write_stops_the_audit_with_one_line(work, cluster)
     assert (out_dir / image_key(photo)).read_text() == "in the way"
 
 
+def test_a_batch_whose_worker_always_dies_stops_the_audit_with_one_line(work, cluster):
+    """Ray Data alone would restart the worker and retry its batch forever: after MAX_RETRIES
+    the audit stops with one line (the marker says "always": every try ends the process)."""
+    tmp, explainer, _ = work
+    cluster.write_text("always")
+    try:
+        with deadline(), pytest.raises(report.OnnxAttrError) as info:
+            run_audit(explainer, [tmp / "photos" / "p00.png"], ["gradient"], tmp / "ray-dies",
+                      engine="ray", workers=1)
+    finally:
+        cluster.unlink(missing_ok=True)
+    assert str(info.value).startswith(
+        f"a Ray worker died on each of {ray_audit.MAX_RETRIES + 1} tries of one batch (")
+    assert "\n" not in str(info.value)
+
+
 def test_attribute_stage_in_a_ray_data_pipeline(work, cluster):
     """onnxattr.ray.Attribute in map_batches gives each row the Explainer's own results (one
     batch of the three images, as the Explainer's: a batched run's numbers are its own)."""

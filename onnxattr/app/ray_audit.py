@@ -8,9 +8,9 @@ runs image_audit.audit_image on each row, the local audit's own code, so the sam
 the same places (`out_dir` and the images must be at the same paths on every node: a shared
 filesystem on a cluster; actors work in the driver's folder so relative paths read the same),
 and returns each summary entry as a JSON column. A worker that dies loses its batch
-(BATCH_SIZE images): Ray Data restarts the actor and retries the batch (its defaults for actor
-pools: max_restarts and max_task_retries -1, no limit; a process that dies on every try of an
-image would be retried forever, which no image should do: a bad file is an entry, not a crash).
+(BATCH_SIZE images): Ray Data restarts the actor and retries the batch, up to MAX_RETRIES
+times (Ray Data's default is no limit, so a batch whose every try ends its process would hang the
+audit); past that the audit stops with one line, keeping the summary written so far.
 Progress shows as Ray Data's bars.
 
 `ray.init()` without an address starts a local cluster, so the same command works on a laptop;
@@ -38,11 +38,13 @@ except ImportError:  # the optional extra, onnxattr[ray]
 
 INSTALL = "pip install 'onnxattr[ray]'"
 BATCH_SIZE = 2  # images per task: a dead worker's loss, and Ray's unit of retry
+MAX_RETRIES = 3  # tries of a batch after the first whose worker died
 # Actors reserve this share of their CPUs: with every CPU held by actors, Ray Data's own tasks
 # (a read, a split) get no slot and the dataset waits forever.
 CPU_SHARE = 0.9
-# Testing only: when the file this variable names exists, an actor deletes it and kills its own
-# process before its next image (tests/test_ray.py checks that Ray redoes the batch).
+# Testing only: when the file this variable names exists, an actor deletes it (unless it says
+# "always") and kills its own process before its next image (tests/test_ray.py checks that Ray
+# redoes the batch, and stops after MAX_RETRIES).
 KILL_MARKER = "ONNXATTR_TEST_KILL_MARKER"
 WRITE_ERROR = "write_error"  # a returned entry that is a worker's WriteError
 
@@ -85,7 +87,10 @@ class WorkerWriteError(WriteError):
 def _fault_for_tests():
     marker = os.environ.get(KILL_MARKER)
     if marker and os.path.exists(marker):
-        os.unlink(marker)
+        with open(marker) as handle:
+            always = handle.read() == "always"
+        if not always:
+            os.unlink(marker)
         os._exit(1)
 
 
@@ -114,16 +119,25 @@ def _run(explainer, todo, out_dir, job, workers):
     rows = [{"path": str(path), "key": key} for path, key in todo]
     done = ray.data.from_items(rows).map_batches(
         AuditWorker, batch_size=BATCH_SIZE, compute=ray.data.ActorPoolStrategy(size=workers),
-        batch_format="numpy", num_cpus=share * CPU_SHARE,
+        batch_format="numpy", num_cpus=share * CPU_SHARE, max_task_retries=MAX_RETRIES,
         fn_constructor_kwargs={"explainer_options": explainer.options,
                                "threads": max(1, int(share)), "cwd": os.getcwd(),
                                "out_dir": str(out_dir), "job": job})
-    for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
-        entries = {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
-        failed = [e[WRITE_ERROR] for e in entries.values() if WRITE_ERROR in e]
-        if failed:
-            raise WorkerWriteError(failed[0])
-        yield entries
+    try:
+        for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+            yield _entries(batch)
+    except ray.exceptions.RayError as err:  # a worker died on every try of one batch
+        raise OnnxAttrError(f"a Ray worker died on each of {MAX_RETRIES + 1} tries of one batch "
+                            f"({type(err).__name__}); the audit stops") from None
+
+
+def _entries(batch):
+    """{key: entry} of a batch the workers return; a worker's write error raised again."""
+    entries = {str(key): json.loads(entry) for key, entry in zip(batch["key"], batch["entry"])}
+    failed = [e[WRITE_ERROR] for e in entries.values() if WRITE_ERROR in e]
+    if failed:
+        raise WorkerWriteError(failed[0])
+    return entries
 
 
 def parquet_rows(summary):
