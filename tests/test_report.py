@@ -182,10 +182,11 @@ def test_same_stems_in_different_folders_do_not_collide(small_classifier):
         assert np.array_equal(saved, explainer.explain(source).attribution)
 
 
-def test_a_list_of_uris_is_audited_through_pyarrow(small_classifier):
+def test_a_list_of_uris_is_audited_through_pyarrow(small_classifier, monkeypatch, capsys):
     """A CSV list may name images by URI (here file://, read by pyarrow's filesystems as s3://
     or gs:// would be): audited like the same files named by path, keyed on the URI; a URI that
-    names nothing is a failed entry with its one-line reason."""
+    names nothing is a failed entry with its one-line reason. The command line takes URIs too
+    (its "//" kept)."""
     pytest.importorskip("pyarrow")
     tmp_path, model, _ = small_classifier
     photo = random_photo(tmp_path / "cat.png", seed=1)
@@ -200,6 +201,12 @@ def test_a_list_of_uris_is_audited_through_pyarrow(small_classifier):
     assert np.array_equal(*(np.load(tmp_path / "out" / e["methods"]["gradient"]["npy"])
                             for e in (by_uri, by_path)))
     assert gone["status"] == "failed" and gone["error"] == f"{missing}: not found"
+    code, _, err = run_cli(monkeypatch, capsys, "audit", photo.as_uri(), "--model", model,
+                           "--out", tmp_path / "cli")
+    assert code in (0, None), err
+    entries = json.loads((tmp_path / "cli" / "summary.json").read_text())["images"]
+    assert [(e["file"], e["key"], e["status"]) for e in entries] == [
+        (photo.as_uri(), by_uri["key"], "done")]
 
 
 def test_resume_skips_done_images_and_redoes_the_rest(small_classifier, monkeypatch):

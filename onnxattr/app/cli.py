@@ -224,7 +224,7 @@ def _echo_completeness(image, result, settings):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())  # str: a URI keeps its "//"
 @model_flags
 @click.option("--methods", default="gradient", show_default=True,
               help=f"Comma-separated methods ({', '.join(METHODS)}) or 'all'.")
