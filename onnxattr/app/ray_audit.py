@@ -106,6 +106,9 @@ def audit_batches(explainer, todo, out_dir, job, address=None, workers=None):
         with warnings.catch_warnings():
             # Ray Data reading its own deprecated settings: nothing a user could change
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+            # max_task_retries has no named parameter yet; Ray removes the others in 2.64,
+            # which pyproject.toml's ray extra stays below
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             yield from _run(explainer, todo, out_dir, job, workers)
     finally:
         if started:
