@@ -139,7 +139,7 @@ def bench_pool(threads, runs):
             y = em.op("MaxPool", "x", **attrs)
             return forms.max_pool_grad(em, "x", y, "dy", form=form, **geometry)
         candidates = {f"{form}": build(inputs, lambda em, form=form: emit(em, form))
-                      for form in ("indices", "slices", "unfold")}
+                      for form in ("indices", "slices", "unfold", "separable")}
         if training:
             def emit_training(em):
                 _, indices = em.op("MaxPool", "x", outputs=2, **attrs)
@@ -180,6 +180,7 @@ GOOGLENET_VARIANTS = {  # name: backward_forms.FORMS overrides
     "Conv input gradient as ConvTranspose": {"conv_input_grad": "conv_transpose"},
     "MaxPool backward: indices": {"max_pool_grad": "indices"},
     "MaxPool backward: slices": {"max_pool_grad": "slices"},
+    "MaxPool backward: separable": {"max_pool_grad": "separable"},
     "ReLU gate as Where": {"gate": "where"},
     "ReLU active from its input": {"relu_active": "input"},
 }
@@ -207,6 +208,8 @@ def bench_googlenet(path, threads, runs):
         forms.FORMS.update(conv_input_grad="conv_transpose", gate="where")
         try:  # what lower.py emitted before it used these forms
             candidates["training builder, lowered with ConvTranspose, Where"] = lower_graph(built)
+            forms.FORMS.update(saved, max_pool_grad="separable")
+            candidates["training builder, lowered, MaxPool separable"] = lower_graph(built)
         finally:
             forms.FORMS.clear()
             forms.FORMS.update(saved)

@@ -354,7 +354,7 @@ POOLS = {  # kernel, strides, pads, dilations, ceil_mode, size
 }
 
 
-@pytest.mark.parametrize("form", ["indices", "slices", "unfold"])
+@pytest.mark.parametrize("form", ["indices", "slices", "unfold", "separable"])
 @pytest.mark.parametrize("pool", POOLS)
 def test_max_pool_forms_equal_the_training_kernel_on_ties(pool, form):
     """Post-ReLU inputs (a third exact zeros, small integers: many tied windows) and integer

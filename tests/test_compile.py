@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxattr import Explainer, OnnxAttrError
+from onnxattr.graph import backward_forms
 from onnxattr.graph.lowering import LOWERING_RULES, lower_graph
 from onnxattr.io.model import METHOD_KEY, SCORE_KEY, load_model
 from onnxattr.methods.compile import compile_model
@@ -114,8 +115,12 @@ MAXPOOL_CASES = {  # kernel, strides, pads, ceil_mode, input size
 }
 
 
+@pytest.mark.parametrize("form", ["indices", "separable"])
 @pytest.mark.parametrize("case", MAXPOOL_CASES)
-def test_max_pool_grad(case):
+def test_max_pool_grad(case, form, monkeypatch):
+    """The lowering emits backward_forms' default form (the separable one only in benchmarks):
+    each sums the gradients of windows that share their maximum, as MaxPoolGrad does."""
+    monkeypatch.setitem(backward_forms.FORMS, "max_pool_grad", form)
     kernel, strides, pads, ceil_mode, size = MAXPOOL_CASES[case]
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, *size)).astype(np.float32)
@@ -132,6 +137,8 @@ def test_max_pool_grad(case):
                                     ("dY", TensorProto.FLOAT, ["N", 3, *y.shape[2:]])],
                      [("dX", TensorProto.FLOAT, [2, 3, *size])])  # the training kernel needs it
     got, _ = check_lowering(model, {"X": x, "dY": dy})
+    scatters = [n for n in lower_graph(model).graph.node if n.op_type == "ScatterElements"]
+    assert bool(scatters) == (form == "indices")
     overlapping = np.unique(indices, return_counts=True)[1].max() > 1
     if case.startswith("3x3"):
         assert overlapping  # gradients of windows sharing their maximum must add up

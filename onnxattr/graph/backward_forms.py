@@ -171,20 +171,27 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
       "unfold"   no indexed kernel: a Conv with one-hot kernels unfolds the padded windows into
                  channels [N*C, k*k, out...], ArgMax over them picks the first maximum, Where
                  puts dY there and a ConvTranspose with the same kernels adds the cells back.
-    Default "indices", the fastest: median ms, 1 thread (indices / slices / unfold; training
-    build's MaxPool with Indices + MaxPoolGrad; plain forward MaxPool), each including the
-    forward MaxPool:
-      pool1 3x3/2 ceil 64x112x112      9.7 / 11.2 / 17.5;  8.1;  1.2
-      pool2 3x3/2 ceil 192x56x56       8.9 / 10.4 / 18.2;  8.0;  1.0
-      inception_3a/pool 3x3/1 pad 1    6.9 /  6.1 / 15.2;  7.1;  0.5   (192x28x28)
-      pool3 3x3/2 ceil 480x28x28       5.5 /  7.8 / 12.1;  5.1;  0.7
-      inception_4a/pool 3x3/1 pad 1    4.4 /  5.2 / 10.9;  4.5;  0.4   (480x14x14)
-    and the whole GoogLeNet gradient at batch 1 is 13-27 % slower with "slices" than with
-    "indices" (1 thread, three runs; on 2 threads of the shared 2-core machine "slices" is 1.2
-    to 2.6 times "indices" per layer: its ~60 small ops suffer most from contention). The indexed
-    MaxPool kernel is slow (5 ms where the plain one takes 0.5), but one pass; the forms without
-    it make about 6 passes per window cell. The other forms stay for the GPU, where small ops
-    are cheap (not measured here: no GPU in that session) and for scripts/bench_backward_forms.py.
+      "separable" no indexed kernel: the window's max as a max over the last axis, then over
+                 the one before (plain MaxPools), and "slices" through each one-axis pool in
+                 reverse: k + k cells instead of k * k, ties still to the first maximum.
+    Default "indices". Median ms, 1 thread, idle machine, 21 interleaved runs
+    (indices / slices / unfold / separable; training build's MaxPool with Indices +
+    MaxPoolGrad; plain forward MaxPool), each including the forward MaxPool:
+      pool1 3x3/2 ceil 64x112x112      7.4 / 6.3 / 12.1 / 5.6;  7.3;  0.7
+      pool2 3x3/2 ceil 192x56x56       5.7 / 4.7 /  8.7 / 4.3;  5.2;  0.6
+      inception_3a/pool 3x3/1 pad 1    3.7 / 2.6 /  6.9 / 1.8;  3.9;  0.2   (192x28x28)
+      pool3 3x3/2 ceil 480x28x28       3.5 / 4.0 /  6.4 / 3.4;  3.5;  0.4
+      inception_4a/pool 3x3/1 pad 1    2.7 / 2.3 /  6.2 / 1.8;  2.7;  0.2   (480x14x14)
+    Per pool, at 1 thread, "separable" is the fastest, yet in the whole GoogLeNet gradient graph
+    it takes 0.94-1.07x the time of "indices" (native and lowered graphs, 1 and 2 threads,
+    batch 1, sessions interleaved or one after the other; 0.94-1.00x at batch 8 on 1 thread,
+    as the IG workers run): its ~25 small ops per pool (Pad, Slice, Cast: 12.5, 10.6, 7.5 ms
+    of a 104 ms profile at 2 threads) cost between the nodes what the indexed kernel loses
+    inside one (`python scripts/bench_backward_forms.py --only googlenet`). "slices" (the
+    last cell takes what no earlier one did) is 1.18x on the
+    whole graph at 2 threads. The indexed MaxPool kernel is slow (5 ms where the plain one
+    takes 0.5) but one pass. The other forms stay for the GPU, where small ops are cheap (not
+    measured: no GPU was lent) and for scripts/bench_backward_forms.py.
     """
     form = form or FORMS["max_pool_grad"]
     geometry = (size, kernel, strides, pads, dilations, out_size)
@@ -194,6 +201,8 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
         return _max_pool_grad_slices(em, x, y, dy, *geometry)
     if form == "unfold":
         return _max_pool_grad_unfold(em, x, y, dy, *geometry)
+    if form == "separable":
+        return _max_pool_grad_separable(em, x, y, dy, *geometry)
     raise ValueError(f"unknown max_pool_grad form {form!r}")
 
 
@@ -276,14 +285,16 @@ def _max_pool_grad_slices(em, x, y, dy, size, kernel, strides, pads, dilations, 
     # every window cell, in scan order: the remaining gradient goes to the first maximum
     remaining, routed = dy, []
     for n, (phase, shift) in enumerate(zip(phase_of, shift_of)):
+        if n + 1 == len(offsets):  # no earlier cell is the maximum: the last one is
+            routed.append(remaining)
+            break
         cells = grids[phase]
         if any(shift) or any(n != o for n, o in zip(length, out_size)):
             cells = em.op("Slice", cells, i64(list(shift)),
                           i64([sh + o for sh, o in zip(shift, out_size)]), i64(axes))
         hit = em.op("Cast", em.op("Equal", cells, y), to=_onnx_type(dtype))
         routed.append(em.op("Mul", remaining, hit))
-        if n + 1 < len(offsets):
-            remaining = em.op("Sub", remaining, routed[-1])
+        remaining = em.op("Sub", remaining, routed[-1])
     # back onto the padded grid: the cells of one phase are whole output cells apart
     placed = {}
     for phase in phases:
@@ -301,6 +312,34 @@ def _max_pool_grad_slices(em, x, y, dy, size, kernel, strides, pads, dilations, 
     grid = _interleave(em, placed, strides, length, rank)
     return em.op("Slice", grid, i64(pads[:rank]), i64([p + n for p, n in zip(pads, size)]),
                  i64(axes))
+
+
+def _max_pool_grad_separable(em, x, y, dy, size, kernel, strides, pads, dilations, out_size):
+    """The separable form of max_pool_grad: the window's max is a max over the last axis, then
+    over the one before, and so on, so the backward routes dY through those one-axis pools in
+    reverse, each by the per-cell form. Exact, ties included: the first row holding the
+    maximum, then the first cell of that row that does, is the first maximum in scan order."""
+    rank = len(kernel)
+    axes = [a for a in reversed(range(rank))
+            if kernel[a] != 1 or strides[a] != 1 or pads[a] or pads[a + rank]]
+    stages, values, shape = [], x, list(size)
+    for n, axis in enumerate(axes):
+        def one(value, rest, axis=axis):
+            return [value if i == axis else rest for i in range(rank)]
+        geometry = dict(kernel=one(kernel[axis], 1), strides=one(strides[axis], 1),
+                        pads=one(pads[axis], 0) + one(pads[axis + rank], 0),
+                        dilations=one(dilations[axis], 1))
+        out = shape[:axis] + [out_size[axis]] + shape[axis + 1:]
+        ceil = window_output_size(shape, **geometry) != out
+        pooled = y if n + 1 == len(axes) else em.op(
+            "MaxPool", values, ceil_mode=int(ceil), kernel_shape=geometry["kernel"],
+            strides=geometry["strides"], pads=geometry["pads"], dilations=geometry["dilations"])
+        stages.append((values, pooled, shape, out, geometry))
+        values, shape = pooled, out
+    grad = dy
+    for values, pooled, shape, out, geometry in reversed(stages):
+        grad = _max_pool_grad_slices(em, values, pooled, grad, shape, out_size=out, **geometry)
+    return grad
 
 
 def _interleave(em, grids, strides, length, rank):

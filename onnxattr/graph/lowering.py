@@ -148,7 +148,8 @@ def lower_relu_grad(low, node):
 
 def lower_max_pool_grad(low, node):
     """dY scatter-added at the forward MaxPool's flat Indices into zeros of X's size
-    (backward_forms.max_pool_grad, form "indices").
+    (backward_forms.max_pool_grad's default form "indices"; its other forms, which read X and
+    Y instead, for the benchmarks).
 
     Indices count over the whole N*C*H*W input (row-major, storage_order 0), so overlapping
     windows that pick the same cell add up, as MaxPoolGrad does.
@@ -158,14 +159,21 @@ def lower_max_pool_grad(low, node):
     if pool is None or pool.op_type != "MaxPool" or list(pool.output[1:2]) != [indices]:
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': its Indices do not "
                             "come from a forward MaxPool")
-    if attributes(pool).get("storage_order", 0) != 0:
+    attrs = attributes(pool)
+    if attrs.get("storage_order", 0) != 0:
         raise OnnxAttrError(f"cannot lower MaxPoolGrad node '{node.name}': MaxPool "
                             f"'{pool.name}' has storage_order 1")
     em = low.emitter(node)
     size = low.spatial(pool.input[0], node, "input")
-    result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, size, None,
-                                          None, None, None, None, form="indices",
-                                          indices=indices)
+    kernel = list(attrs["kernel_shape"])
+    rank = len(kernel)
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    pads = _explicit_pads(pool, attrs, size, kernel, strides, dilations)
+    out_size = backward_forms.window_output_size(size, kernel, strides, pads, dilations,
+                                                 bool(attrs.get("ceil_mode", 0)))
+    result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, size, kernel,
+                                          strides, pads, dilations, out_size, indices=indices)
     return low.finish(em, result, node.output[0], node)
 
 
