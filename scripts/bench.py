@@ -88,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "build" / "bench",
                         help="exported zoo models are cached here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="children per side and case, taking turns; the time is the median "
+                             "of their medians")
     parser.add_argument("--same-process", action="store_true",
                         help="time both sides in this process, interleaved (not the default: "
                              "each side's idle threads slow the other)")
@@ -438,28 +441,36 @@ def relative_l2(a, b):
 
 
 def measure_separately(args, name, workdir):
-    """The table of one model, each case on each side in a fresh process (onnxattr's first: it
-    picks the class that Captum's explains too)."""
+    """The table of one model, each case on each side in fresh processes: --rounds children
+    per side, the sides taking turns (onnxattr's first in the first round: it picks the class
+    that Captum's explains too; then the other way round, and so on). A child's times move
+    together (one process ran 106 ms gradients where the next ran 84), so the time is the
+    median of the children's medians, and the per-round ratios give the spread."""
     if not model_path(args, name).exists():
         run_child(args, "--export", name)
-    rows, builders, versions = [], {}, {}
+    rows, builders, versions, target = [], {}, {}, None
     for case in cases(args):
-        sides = {}
-        for side in ("onnxattr", "captum"):
-            target = [] if side == "onnxattr" else ["--target", str(sides["onnxattr"]["target"])]
-            sides[side] = run_child(args, "--child", name, side, case, *target,
-                                    "--result", str(workdir / f"{name}-{case}-{side}.npy"))
-            builders.update(sides[side]["builders"])
-            versions.update(sides[side]["versions"])
+        runs = {"onnxattr": [], "captum": []}
+        for round_ in range(args.rounds):
+            for side in ("onnxattr", "captum")[::-1 if round_ % 2 else 1]:
+                options = [] if target is None else ["--target", str(target)]
+                if round_ == 0:  # the first round's results are compared
+                    options += ["--result", str(workdir / f"{name}-{case}-{side}.npy")]
+                result = run_child(args, "--child", name, side, case, *options)
+                target = result["target"] if target is None else target
+                builders.update(result["builders"])
+                versions.update(result["versions"])
+                runs[side].append(result)
         ours, theirs = (np.load(workdir / f"{name}-{case}-{side}.npy")
                         for side in ("onnxattr", "captum"))
         row = {"case": case, "relative_l2": agreement(case, ours, theirs)}
-        for side, result in sides.items():
-            row[f"{side}_s"] = statistics.median(result["seconds"])
-            row[f"{side}_pid"] = result["pid"]
+        for side, results in runs.items():
+            row[f"{side}_child_s"] = [statistics.median(r["seconds"]) for r in results]
+            row[f"{side}_s"] = statistics.median(row[f"{side}_child_s"])
+            row[f"{side}_pids"] = [r["pid"] for r in results]
             if args.device == "cpu":
-                row[f"{side}_peak_mb"] = result["peak_mb"]
-        row["onnxattr_torch_loaded"] = sides["onnxattr"]["torch_loaded"]
+                row[f"{side}_peak_mb"] = max(r["peak_mb"] for r in results)
+        row["onnxattr_torch_loaded"] = any(r["torch_loaded"] for r in runs["onnxattr"])
         rows.append(row)
     return summary(name, rows, builders, versions)
 
@@ -486,7 +497,8 @@ def measure_in_process(args, name):
         row = {"case": case, "relative_l2": results[case]}
         for side in ("onnxattr", "captum"):
             row[f"{side}_s"] = statistics.median(times[case][side])
-            row[f"{side}_pid"] = os.getpid()
+            row[f"{side}_child_s"] = [row[f"{side}_s"]]
+            row[f"{side}_pids"] = [os.getpid()]
             if not args.no_memory and args.device == "cpu":
                 row[f"{side}_peak_mb"] = peak_memory(args, name, side, case)["peak_mb"]
         rows.append(row)
@@ -511,18 +523,31 @@ def summary(name, rows, builders, versions):
     cases' ratios to their floors."""
     for row in rows:
         row["time_ratio"] = row["onnxattr_s"] / row["captum_s"]
+        row["time_ratio_range"] = _spread(row["onnxattr_child_s"], row["captum_child_s"])
         if "onnxattr_peak_mb" in row:
             row["memory_ratio"] = row["onnxattr_peak_mb"] / row["captum_peak_mb"]
-    seconds = {r["case"]: r["onnxattr_s"] for r in rows}
+    by_case = {r["case"]: r for r in rows}
     return {"model": name, "rows": rows, "builders": builders, "versions": versions,
-            "gradient_over_forward": _ratio(seconds, "gradient", "forward"),
-            "gradient_over_forward_batch": _ratio(seconds, f"gradient-batch{BATCH}",
-                                                  f"forward-batch{BATCH}"),
+            "gradient_over_forward": _over(by_case, "gradient", "forward"),
+            "gradient_over_forward_batch": _over(by_case, f"gradient-batch{BATCH}",
+                                                 f"forward-batch{BATCH}"),
             "ig_floors": ig_floors(rows)}
 
 
-def _ratio(seconds, case, other):
-    return seconds[case] / seconds[other] if {case, other} <= seconds.keys() else None
+def _spread(times, others):
+    """The smallest and largest ratio of round r's time to the other's round r."""
+    ratios = [t / o for t, o in zip(times, others)]
+    return [min(ratios), max(ratios)]
+
+
+def _over(by_case, case, other):
+    """onnxattr's time for `case` over its time for `other` (medians), with the per-round range;
+    None when either case was not run."""
+    if not {case, other} <= by_case.keys():
+        return None
+    ours, base = by_case[case], by_case[other]
+    return {"ratio": ours["onnxattr_s"] / base["onnxattr_s"],
+            "range": _spread(ours["onnxattr_child_s"], base["onnxattr_child_s"])}
 
 
 def ig_floors(rows):
@@ -536,10 +561,12 @@ def ig_floors(rows):
     floors = {}
     for case, row in by_case.items():
         if case.startswith("ig-"):
-            steps = int(case.split("-")[1])
-            seconds = 2 * steps * forward["onnxattr_s"] / BATCH
+            per_step = 2 * int(case.split("-")[1]) / BATCH
+            seconds = per_step * forward["onnxattr_s"]
             floors[case] = {"seconds": seconds, "ratio": seconds / row["captum_s"],
-                            "over_floor": row["onnxattr_s"] / seconds}
+                            "over_floor": row["onnxattr_s"] / seconds,
+                            "over_floor_range": [r / per_step for r in _spread(
+                                row["onnxattr_child_s"], forward["onnxattr_child_s"])]}
     return floors
 
 
@@ -551,26 +578,27 @@ def machine(args):
                     if line.startswith("model name")), platform.machine())
     return {"mode": "same process" if args.same_process else "separate processes",
             "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-            "repeats": args.repeats, "python": platform.python_version(),
-            "device": args.device, "precision": args.precision}
+            "repeats": args.repeats, "rounds": 1 if args.same_process else args.rounds,
+            "python": platform.python_version(), "device": args.device,
+            "precision": args.precision}
 
 
 def print_table(report, machine_info):
     m = machine_info
     mode = ("both sides in one process, interleaved" if m["mode"] == "same process" else
-            "each side and case in a process of its own")
+            f"each side and case in processes of its own, {m['rounds']} per side taking turns")
     where = f"{m['gpu']}, " if m.get("gpu") else ""
     print(f"\n{report['model']} 224x224, batch 1; measured with {mode}, {m['threads']} threads "
           f"each; {where}{m['cpu']}, {m['cores']} cores; {m['precision']}; medians of "
-          f"{m['repeats']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}; builders used: "
-          f"{report['builders']}")
+          f"{m['repeats']} per process, the median of the processes; onnxruntime "
+          f"{m['onnxruntime']}, torch {m['torch']}; builders used: {report['builders']}")
     memory = "onnxattr_peak_mb" in report["rows"][0]
-    header = f"| {'case':<22} | {'onnxattr s':>10} | {'Captum s':>9} | {'ratio':>5} |"
+    header = f"| {'case':<22} | {'onnxattr s':>10} | {'Captum s':>9} | {'ratio (rounds)':>17} |"
     header += f" {'onnxattr MB':>11} | {'Captum MB':>9} | {'ratio':>5} |" if memory else ""
     print(header + f" {'rel L2':>8} |")
     for r in report["rows"]:
-        line = (f"| {r['case']:<22} | {r['onnxattr_s']:10.4f} | {r['captum_s']:9.4f} | "
-                f"{r['time_ratio']:5.2f} |")
+        ratio = f"{r['time_ratio']:.2f} {_range(r['time_ratio_range'])}"
+        line = f"| {r['case']:<22} | {r['onnxattr_s']:10.4f} | {r['captum_s']:9.4f} | {ratio:>17} |"
         if memory:
             line += (f" {r['onnxattr_peak_mb']:11.0f} | {r['captum_peak_mb']:9.0f} |"
                      f" {r['memory_ratio']:5.2f} |")
@@ -579,12 +607,18 @@ def print_table(report, machine_info):
     for key, batch in (("gradient_over_forward", "batch 1"),
                        ("gradient_over_forward_batch", f"batch {BATCH}")):
         if report[key]:
-            print(f"onnxattr gradient / forward at {batch}: {report[key]:.2f} (over its floor of "
-                  f"two forward passes: {report[key] / 2:.2f})")
+            over = report[key]
+            print(f"onnxattr gradient / forward at {batch}: {over['ratio']:.2f}; over its floor "
+                  f"of two forward passes: {over['ratio'] / 2:.2f} "
+                  f"{_range([r / 2 for r in over['range']])}")
     for case, floor in report["ig_floors"].items():
         print(f"{case} floor (two forward passes at batch {BATCH} per path image): "
               f"{floor['seconds']:.2f} s, {floor['ratio']:.2f} of Captum's time; onnxattr "
-              f"{floor['over_floor']:.2f} times its floor")
+              f"{floor['over_floor']:.2f} {_range(floor['over_floor_range'])} times its floor")
+
+
+def _range(bounds):
+    return f"({bounds[0]:.2f}-{bounds[1]:.2f})"
 
 
 def main(argv=None):

@@ -32,11 +32,11 @@ def test_by_default_each_side_times_in_a_process_of_its_own(googlenet_path, goog
     parent, and torch is never loaded where onnxattr runs; the table says so."""
     pytest.importorskip("captum")
     report = run_bench(googlenet_path, googlenet_caffe_dir, tmp_path, "--cases", "forward",
-                       "--repeats", "1", "--threads", "1")
+                       "--repeats", "1", "--threads", "1", "--rounds", "1")
     assert report["machine"]["mode"] == "separate processes"
     assert report["machine"]["threads"] == 1 and report["machine"]["cores"] > 0
     (row,) = report["models"][0]["rows"]
-    assert len({row["onnxattr_pid"], row["captum_pid"], report["parent_pid"]}) == 3
+    assert len({*row["onnxattr_pids"], *row["captum_pids"], report["parent_pid"]}) == 3
     assert row["onnxattr_torch_loaded"] is False
     assert row["onnxattr_peak_mb"] > 0 and row["captum_peak_mb"] > 0
     assert row["relative_l2"] < 1e-4
@@ -58,17 +58,61 @@ def test_bench_runs_and_both_sides_agree(googlenet_path, googlenet_caffe_dir, tm
     assert report["gradient_over_forward"] > 1
 
 
-def test_ig_floor_is_two_forward_passes_per_step():
+def import_bench():
     sys.path.insert(0, str(REPO / "scripts"))
-    from bench import BATCH, ig_floors
+    import bench
 
-    rows = [{"case": f"forward-batch{BATCH}", "onnxattr_s": BATCH * 0.5, "captum_s": 1.0},
-            {"case": "ig-50-batch16", "onnxattr_s": 9.0, "captum_s": 200.0},
-            {"case": "ig-50-default", "onnxattr_s": 9.0, "captum_s": 100.0}]
-    assert ig_floors(rows) == {
+    return bench
+
+
+def test_ig_floor_is_two_forward_passes_per_step():
+    bench = import_bench()
+    batch = bench.BATCH
+    rows = [{"case": f"forward-batch{batch}", "onnxattr_s": batch * 0.5, "captum_s": 1.0,
+             "onnxattr_child_s": [batch * 0.5, batch * 0.25]},
+            {"case": "ig-50-batch16", "onnxattr_s": 9.0, "captum_s": 200.0,
+             "onnxattr_child_s": [9.0, 9.0]},
+            {"case": "ig-50-default", "onnxattr_s": 9.0, "captum_s": 100.0,
+             "onnxattr_child_s": [9.0, 4.5]}]
+    floors = bench.ig_floors(rows)
+    assert {case: {k: v for k, v in floor.items() if k != "over_floor_range"}
+            for case, floor in floors.items()} == {
         "ig-50-batch16": {"seconds": 50.0, "ratio": 0.25, "over_floor": 0.18},
         "ig-50-default": {"seconds": 50.0, "ratio": 0.5, "over_floor": 0.18}}
-    assert ig_floors(rows[1:]) == {}
+    # round by round: 9 s over 50 s, then 9 s over 25 s (batch-64 forward twice as fast)
+    assert floors["ig-50-batch16"]["over_floor_range"] == pytest.approx([0.18, 0.36])
+    assert floors["ig-50-default"]["over_floor_range"] == pytest.approx([0.18, 0.18])
+    assert bench.ig_floors(rows[1:]) == {}
+
+
+def test_rounds_take_turns_and_report_the_median_of_the_children(monkeypatch, tmp_path):
+    """--rounds children per side and case: onnxattr's first in round one (its class is the
+    one Captum explains), then the sides alternate; every child is a process of its own and
+    the time is the median of the children's medians."""
+    bench = import_bench()
+    spawned = []
+
+    def fake_child(args, *options):
+        name, side, case = options[1:4]
+        spawned.append((side, options[4:6]))
+        if "--result" in options:
+            np.save(options[options.index("--result") + 1], np.ones(3))
+        seconds = {"onnxattr": [1.0, 1.0, 3.0], "captum": [2.0, 2.0, 2.0]}[side]
+        return {"seconds": [seconds[sum(s == side for s, _ in spawned) - 1]],
+                "pid": len(spawned), "target": 7, "builders": {}, "versions": {},
+                "peak_mb": 100.0 * len(spawned), "torch_loaded": side == "captum"}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "model_path", lambda args, name: tmp_path)
+    args = bench.parse_args(["--cases", "forward", "--rounds", "3"])
+    (row,) = bench.measure_separately(args, "googlenet", tmp_path)["rows"]
+    assert [side for side, _ in spawned] == ["onnxattr", "captum", "captum", "onnxattr",
+                                             "onnxattr", "captum"]
+    assert spawned[0][1] != ("--target", "7") and spawned[1][1] == ("--target", "7")
+    assert row["onnxattr_pids"] == [1, 4, 5] and row["captum_pids"] == [2, 3, 6]
+    assert row["onnxattr_child_s"] == [1.0, 1.0, 3.0] and row["onnxattr_s"] == 1.0
+    assert row["time_ratio"] == 0.5 and row["time_ratio_range"] == [0.5, 1.5]
+    assert row["onnxattr_peak_mb"] == 500.0 and row["onnxattr_torch_loaded"] is False
 
 
 @pytest.mark.slow
