@@ -4,11 +4,15 @@ Both sides compute the same thing on the same network and weights with the same 
 threads: Captum on a float32 PyTorch model (GoogLeNet: built from the same Caffe files,
 tests/torch_googlenet.py; ResNet-18 and MobileNetV2: torchvision at random init, the zoo's
 calibration, tests/zoo_models.py), onnxattr on its ONNX export. By default every case runs on
-each side in a fresh child process, onnxattr's first, then Captum's: a warm-up call (its result
-is compared between the sides), then --repeats timed calls, whose median is the time. The parent
-only spawns the children and collects their JSON, so neither side runs on cores that the other
-one's thread pools still hold (onnxruntime's and torch's OpenMP threads keep spinning after a
-run). Each child gets the same thread count: onnxruntime's intra-op threads, torch's
+each side in --rounds (3) fresh child processes, the sides taking turns (onnxattr's first in the
+first round, then Captum's first, and so on): each child makes a warm-up call (the first
+round's results are compared between the sides), then --repeats timed calls, whose median is
+the child's time; the case's time is the median of its children's, and the table gives the
+range of the per-round ratios. A process's times move together (on a 2-core virtual machine one
+child ran GoogLeNet's gradient at 106 ms where the next two ran 84), so one child per side would
+make a batch-1 ratio a draw. The parent only spawns the children and collects their JSON, so
+neither side runs on cores that the other one's thread pools still hold (onnxruntime's and
+torch's OpenMP threads keep spinning after a run). Each child gets the same thread count: onnxruntime's intra-op threads, torch's
 set_num_threads, and OMP/MKL/OPENBLAS_NUM_THREADS in its environment. Peak memory is the
 child's VmHWM (the peak resident set of the whole process, imports and model included); the
 onnxattr children run without torch importable, as in a deployment stack without PyTorch.
@@ -20,8 +24,8 @@ onnxruntime-gpu and torch with CUDA) both sides run on the GPU, float32-exact by
 
     python scripts/bench.py [--models googlenet,resnet18,mobilenet_v2] [--device cpu|cuda]
                             [--precision float32|tf32] [--builder auto|native|onnxruntime]
-                            [--threads 2] [--repeats 5] [--cases ...] [--json bench.json]
-                            [--same-process]
+                            [--threads 2] [--repeats 5] [--rounds 3] [--cases ...]
+                            [--json bench.json] [--same-process]
 
 The "gradient-<builder>" cases time the gradient graph of each builder side by side (the
 native graph and onnxruntime-training's, lowered to standard ops); "rel L2" checks that both
