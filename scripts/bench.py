@@ -12,9 +12,10 @@ range of the per-round ratios. A process's times move together (on a 2-core virt
 child ran GoogLeNet's gradient at 106 ms where the next two ran 84), so one child per side would
 make a batch-1 ratio a draw. The parent only spawns the children and collects their JSON, so
 neither side runs on cores that the other one's thread pools still hold (onnxruntime's and
-torch's OpenMP threads keep spinning after a run). Each child gets the same thread count: onnxruntime's intra-op threads, torch's
-set_num_threads, and OMP/MKL/OPENBLAS_NUM_THREADS in its environment. Peak memory is the
-child's VmHWM (the peak resident set of the whole process, imports and model included); the
+torch's OpenMP threads keep spinning after a run). Each child gets the same thread count:
+onnxruntime's intra-op threads, torch's set_num_threads, and OMP/MKL/OPENBLAS_NUM_THREADS in
+its environment. Peak memory is the largest child's VmHWM (the peak resident set of the whole
+process, imports and model included); the
 onnxattr children run without torch importable, as in a deployment stack without PyTorch.
 `--same-process` times both sides in this process instead, interleaved per repeat (the old
 mode: each side then runs on cores the other's threads still spin on, which slows Captum's
