@@ -7,6 +7,7 @@ difference between forms (they must agree exactly, or to float rounding for conv
 """
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
@@ -186,6 +187,26 @@ GOOGLENET_VARIANTS = {  # name: backward_forms.FORMS overrides
 }
 
 
+LOWERED_VARIANTS = {  # name suffix: backward_forms.FORMS overrides
+    " (prepared forward)": {},
+    # what lower.py emitted before it used the chosen forms
+    " with ConvTranspose, Where": {"conv_input_grad": "conv_transpose", "gate": "where"},
+    ", MaxPool separable": {"max_pool_grad": "separable"},
+}
+
+
+@contextlib.contextmanager
+def forms_as(overrides):
+    """backward_forms.FORMS with `overrides` while the block runs."""
+    saved = dict(forms.FORMS)
+    forms.FORMS.update(overrides)
+    try:
+        yield
+    finally:
+        forms.FORMS.clear()
+        forms.FORMS.update(saved)
+
+
 def bench_googlenet(path, threads, runs):
     """Whole GoogLeNet gradient graphs (batch 1, target 285): the native builder with each
     variant of the forms, and the training builder's graph lowered to standard ops."""
@@ -193,26 +214,14 @@ def bench_googlenet(path, threads, runs):
     scored = add_score_head(prepare_forward(classifier))
     candidates = {}
     for name, overrides in GOOGLENET_VARIANTS.items():
-        saved = dict(forms.FORMS)
-        forms.FORMS.update(overrides)
-        try:
+        with forms_as(overrides):
             candidates[f"native, {name}"] = build_native_gradient(scored, "image")
-        finally:
-            forms.FORMS.clear()
-            forms.FORMS.update(saved)
     try:
         built = training_builder_graph(add_score_head(prepare_forward(classifier,
                                                                       TRAINING_FIXES)), "image")
-        candidates["training builder, lowered (prepared forward)"] = lower_graph(built)
-        saved = dict(forms.FORMS)
-        forms.FORMS.update(conv_input_grad="conv_transpose", gate="where")
-        try:  # what lower.py emitted before it used these forms
-            candidates["training builder, lowered with ConvTranspose, Where"] = lower_graph(built)
-            forms.FORMS.update(saved, max_pool_grad="separable")
-            candidates["training builder, lowered, MaxPool separable"] = lower_graph(built)
-        finally:
-            forms.FORMS.clear()
-            forms.FORMS.update(saved)
+        for name, overrides in LOWERED_VARIANTS.items():
+            with forms_as(overrides):
+                candidates[f"training builder, lowered{name}"] = lower_graph(built)
     except Exception as err:  # stock onnxruntime: no training builder
         print(f"(no training builder: {err})")
     rng = np.random.default_rng(3)

@@ -184,14 +184,15 @@ def max_pool_grad(em, x, y, dy, size, kernel, strides, pads, dilations, out_size
       inception_4a/pool 3x3/1 pad 1    2.7 / 2.3 /  6.2 / 1.8;  2.7;  0.2   (480x14x14)
     Per pool, at 1 thread, "separable" is the fastest, yet in the whole GoogLeNet gradient graph
     it takes 0.94-1.07x the time of "indices" (native and lowered graphs, 1 and 2 threads,
-    batch 1, sessions interleaved or one after the other; 0.94-1.00x at batch 8 on 1 thread,
-    as the IG workers run): its ~25 small ops per pool (Pad, Slice, Cast: 12.5, 10.6, 7.5 ms
-    of a 104 ms profile at 2 threads) cost between the nodes what the indexed kernel loses
-    inside one (`python scripts/bench_backward_forms.py --only googlenet`). "slices" (the
-    last cell takes what no earlier one did) is 1.18x on the
-    whole graph at 2 threads. The indexed MaxPool kernel is slow (5 ms where the plain one
-    takes 0.5) but one pass. The other forms stay for the GPU, where small ops are cheap (not
-    measured: no GPU was lent) and for scripts/bench_backward_forms.py.
+    batch 1, sessions interleaved, `python scripts/bench_backward_forms.py --only googlenet`;
+    one after the other, and 0.94-1.00x at batch 8 on 1 thread as the IG workers run, from a
+    one-off profile, docs/benchmarks.md): its ~25 small ops per pool (Pad, Slice, Cast: 12.5,
+    10.6, 7.5 ms of a 104 ms profile at 2 threads) cost between the nodes what the indexed
+    kernel loses inside one. "slices" (the
+    last cell takes what no earlier one did) is 1.18x on the whole graph at 2 threads. The
+    indexed MaxPool kernel is slow (5 ms where the plain one takes 0.5) but one pass. The
+    other forms stay for the GPU, where small ops are cheap (not measured: no GPU was lent),
+    and for scripts/bench_backward_forms.py.
     """
     form = form or FORMS["max_pool_grad"]
     geometry = (size, kernel, strides, pads, dilations, out_size)

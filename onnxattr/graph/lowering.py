@@ -97,13 +97,18 @@ class Lowering:
         return em.nodes + [self.make("Identity", [result], [output], node)]
 
 
-def _explicit_pads(node, attrs, size, kernel, strides, dilations):
-    """The forward op's begin+end pads, auto_pad resolved against the static input size."""
+def _window(node, attrs, size, kernel):
+    """The forward Conv's or MaxPool's (strides, begin+end pads, dilations), auto_pad resolved
+    against the static input size."""
+    rank = len(kernel)
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
     auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
     if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         raise OnnxAttrError(f"cannot lower {node.op_type} node '{node.name}': auto_pad {auto_pad}")
-    return backward_forms.explicit_pads(auto_pad, attrs.get("pads"), size, kernel, strides,
+    pads = backward_forms.explicit_pads(auto_pad, attrs.get("pads"), size, kernel, strides,
                                         dilations)
+    return strides, pads, dilations
 
 
 def _only_first_output(low, node, what="dX"):
@@ -128,10 +133,7 @@ def lower_conv_grad(low, node):
         raise OnnxAttrError(f"cannot lower ConvGrad node '{node.name}': unknown kernel shape")
     if not weight_shape or any(d is None for d in weight_shape):
         raise OnnxAttrError(f"cannot lower ConvGrad node '{node.name}': unknown weight shape")
-    rank = len(kernel)
-    strides = list(attrs.get("strides", [1] * rank))
-    dilations = list(attrs.get("dilations", [1] * rank))
-    pads = _explicit_pads(node, attrs, size, kernel, strides, dilations)
+    strides, pads, dilations = _window(node, attrs, size, kernel)
     em = low.emitter(node)
     result = backward_forms.conv_input_grad(em, dy, w, size, kernel, strides, pads, dilations,
                                             attrs.get("group", 1), list(weight_shape))
@@ -166,10 +168,7 @@ def lower_max_pool_grad(low, node):
     em = low.emitter(node)
     size = low.spatial(pool.input[0], node, "input")
     kernel = list(attrs["kernel_shape"])
-    rank = len(kernel)
-    strides = list(attrs.get("strides", [1] * rank))
-    dilations = list(attrs.get("dilations", [1] * rank))
-    pads = _explicit_pads(pool, attrs, size, kernel, strides, dilations)
+    strides, pads, dilations = _window(pool, attrs, size, kernel)
     out_size = backward_forms.window_output_size(size, kernel, strides, pads, dilations,
                                                  bool(attrs.get("ceil_mode", 0)))
     result = backward_forms.max_pool_grad(em, pool.input[0], pool.output[0], dy, size, kernel,
